@@ -1,0 +1,223 @@
+"""``breakhis-ray`` console script: one subcommand per stage.
+
+Every subcommand takes ``--config FILE`` and trailing ``key.sub=value`` overrides; flags are shorthands
+for config keys. Bad input prints one line (``error: ...``) and exits 2. Heavy modules are imported
+only when their subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass, field
+
+from breakhis_ray.errors import BreakhisError
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # e.g. "--out"
+    key: str  # config key it sets, dotted
+    help: str
+    type: type = str
+    choices: tuple | None = None
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    config: str  # class name in breakhis_ray.config
+    target: str  # "module:function" taking the validated config
+    flags: tuple[Flag, ...] = field(default_factory=tuple)
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "synth",
+        "generate a synthetic BreakHis tree (PNG tiles, masks, dsfold files) with Ray tasks",
+        "SynthConfig",
+        "breakhis_ray.data.synthetic:run_synth",
+        (
+            Flag("--out", "out", "destination URI (local path or s3://bucket/prefix)"),
+            Flag("--fraction", "fraction", "share of each patient's images to generate (0, 1]", float),
+            Flag("--patients", "patients", "number of patient folders (keeps every subtype)", int),
+            Flag("--size", "size", "image size WxH (default 700x460)"),
+            Flag("--seed", "seed", "random seed (generation is deterministic for a seed)", int),
+            Flag("--difficulty", "difficulty", "0 (easy) .. 1 (hard) class separation", float),
+        ),
+    ),
+    Command(
+        "manifest",
+        "walk a BreakHis tree (local or s3://) and write one Parquet row per image",
+        "ManifestConfig",
+        "breakhis_ray.data.manifest:run_manifest",
+        (
+            Flag("--root", "root", "BreakHis tree URI (histology_slides/breast is found anywhere below)"),
+            Flag("--out", "out", "output manifest Parquet file"),
+        ),
+    ),
+    Command(
+        "split",
+        "assign every image to train/val/test per fold (patient-disjoint by default)",
+        "SplitConfig",
+        "breakhis_ray.data.splits:run_split",
+        (
+            Flag("--manifest", "manifest", "manifest Parquet written by `manifest`"),
+            Flag("--out", "out", "output splits Parquet (path, fold, split)"),
+            Flag("--mode", "mode", "patient (default), official (dsfold/Folds.csv) or image (leaky)",
+                 choices=("patient", "official", "image")),
+            Flag("--folds", "folds", "number of folds", int),
+            Flag("--patient-key", "patient_key", "group patients by folder or slide number",
+                 choices=("folder", "slide")),
+            Flag("--folds-file", "folds_file", "dsfoldN.txt or Folds.csv for --mode official"),
+        ),
+    ),
+    Command(
+        "prepare",
+        "decode, check and write Parquet shards (+ rejects, + offline augmentation) from a tree or manifest",
+        "PrepareConfig",
+        "breakhis_ray.data.shards:run_prepare",
+        (
+            Flag("--root", "root", "BreakHis tree URI or manifest Parquet"),
+            Flag("--out", "out", "destination URI for shards, rejects and the manifest/splits used"),
+        ),
+    ),
+    Command(
+        "train",
+        "train a classifier with Ray Train (TorchTrainer, DDP, checkpoints, resume)",
+        "TrainConfig",
+        "breakhis_ray.train:run_train",
+    ),
+    Command(
+        "train-segmenter",
+        "train a U-Net segmenter with Ray Train on ground-truth, user or pseudo-label masks",
+        "SegTrainConfig",
+        "breakhis_ray.segmentation.train:run_train_segmenter",
+    ),
+    Command(
+        "segment-eval",
+        "compare threshold, watershed and U-Net (Dice, IoU) on images with ground-truth masks",
+        "SegEvalConfig",
+        "breakhis_ray.segmentation.evaluate:run_segment_eval",
+    ),
+    Command(
+        "infer",
+        "batch inference (U-Net + classifier) with Ray Data: one Parquet row per input image",
+        "InferConfig",
+        "breakhis_ray.inference:run_infer",
+        (
+            Flag("--input", "input", "image tree, s3:// prefix, Parquet shards or manifest"),
+            Flag("--out", "out", "output URI for the prediction Parquet"),
+            Flag("--classifier", "classifier", "classifier checkpoint directory (local or s3://)"),
+            Flag("--segmenter", "segmenter", "U-Net checkpoint directory, or threshold | watershed"),
+        ),
+    ),
+    Command(
+        "evaluate",
+        "metrics (image/patient level, per magnification) from predictions joined with the manifest",
+        "EvaluateConfig",
+        "breakhis_ray.evaluate:run_evaluate",
+        (
+            Flag("--predictions", "predictions", "prediction Parquet written by `infer`"),
+            Flag("--manifest", "manifest", "manifest Parquet with the labels"),
+            Flag("--out", "out", "metrics JSON file"),
+        ),
+    ),
+    Command(
+        "experiments",
+        "experiment grid reproducing the papers' tables (Ray Tune over the Ray Train trainer)",
+        "ExperimentsConfig",
+        "breakhis_ray.experiments:run_experiments",
+    ),
+    Command(
+        "report",
+        "write a self-contained HTML report (tables, curves, confusion matrices, ROC, overlays)",
+        "ReportConfig",
+        "breakhis_ray.report:run_report",
+        (Flag("--out", "out", "output directory for report.html and its PNGs"),),
+    ),
+    Command(
+        "bench",
+        "benchmarks: ratios against baselines and the hardware limit, side by side in one run",
+        "BenchConfig",
+        "breakhis_ray.bench:run_bench",
+        (
+            Flag("--json", "json_out", "write the results as JSON to this file"),
+        ),
+    ),
+    Command(
+        "demo",
+        "the whole pipeline on a small synthetic BreakHis with a local Ray (outputs under runs/demo/)",
+        "DemoConfig",
+        "breakhis_ray.demo:run_demo",
+        (Flag("--out", "out", "output directory (default runs/demo)"),),
+    ),
+)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as a single ``error:`` line and exits 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="breakhis-ray",
+        description="Ray-native BreakHis histopathology: synthetic data, shards, training, "
+        "segmentation, batch inference, evaluation and reports.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS:
+        p = sub.add_parser(
+            cmd.name,
+            help=cmd.help,
+            description=cmd.help + ". Flags are shorthands for config keys; any key can be set as key.sub=value.",
+        )
+        p.add_argument("--config", help="YAML config file (defaults < file < flags < overrides)")
+        for flag in cmd.flags:
+            p.add_argument(flag.name, dest=flag.key.replace(".", "__"), type=flag.type, choices=flag.choices,
+                           help=f"{flag.help} [config key: {flag.key}]")
+        if cmd.name == "bench":
+            p.add_argument("--quick", dest="quick", action="store_const", const=True,
+                           help="small sizes, about 5 minutes on 2 CPU cores [config key: quick]")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
+    return parser
+
+
+def run_command(name: str, config_path: str | None, values: dict, overrides: list[str]):
+    """Validate the config for ``name`` and call its target; returns the target's result."""
+    from breakhis_ray import config as config_module
+
+    cmd = next(c for c in COMMANDS if c.name == name)
+    cls = getattr(config_module, cmd.config)
+    cfg = config_module.load_config(cls, config_path, overrides, values)
+    module_name, func_name = cmd.target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return func(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    values = {
+        key.replace("__", "."): value
+        for key, value in vars(args).items()
+        if key not in ("command", "config", "overrides") and value is not None
+    }
+    try:
+        run_command(args.command, args.config, values, args.overrides)
+    except BreakhisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""`python jobs/experiments.py [--config FILE] [key=value ...]` == `breakhis-ray experiments ...` (works with ray job submit)."""
+
+import sys
+
+from _entry import run
+
+if __name__ == "__main__":
+    sys.exit(run("experiments"))
