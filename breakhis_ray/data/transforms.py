@@ -1,0 +1,238 @@
+"""The ONE deterministic preprocessing shared by training, evaluation and batch inference.
+
+Two halves, split where Ray Data materializes:
+
+* ``bytes -> uint8 HWC`` (:func:`prepare_bytes`): decode (:func:`decode_image`), resize
+  (:func:`resize_uint8`), optional stain normalisation. Runs on CPU in a Ray Data stage *before*
+  ``materialize()``; its output is what the training set caches.
+* ``uint8 NHWC -> float32 NCHW`` (:func:`normalize`): scale to ``[0, 1]`` and, for ``scale="imagenet"``,
+  subtract ``mean`` and divide by ``std``. Works on numpy arrays and on torch tensors, so the train loop
+  normalizes on its device after random augmentation (:mod:`breakhis_ray.data.augment`).
+
+:func:`preprocess_bytes` chains both halves: it is the eval/inference transform. Every checkpoint stores
+its :class:`PreprocessSpec` (``to_dict``) so a predictor rebuilds exactly the same transform.
+
+Nothing here is random.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Literal, Sequence
+
+import numpy as np
+from pydantic import field_validator, model_validator
+
+from breakhis_ray.config import StrictModel
+from breakhis_ray.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+UNIT_MEAN = (0.0, 0.0, 0.0)
+UNIT_STD = (1.0, 1.0, 1.0)
+
+
+def parse_hw(value: Any) -> tuple[int, int]:
+    """``224`` -> ``(224, 224)``; ``[H, W]`` -> ``(H, W)``; the string ``"WxH"`` (project convention) -> ``(H, W)``."""
+    if isinstance(value, bool):
+        raise ValueError(f"image size must be an int, [H, W] or 'WxH', got {value!r}")
+    if isinstance(value, int):
+        value = (value, value)
+    elif isinstance(value, str):
+        parts = value.lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"image size string must look like WxH (e.g. 224x224), got {value!r}")
+        value = (int(parts[1]), int(parts[0]))
+    try:
+        height, width = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"image size must be an int, [H, W] or 'WxH', got {value!r}") from None
+    if height < 8 or width < 8:
+        raise ValueError(f"image size must be at least 8x8, got H={height} W={width}")
+    return height, width
+
+
+class PreprocessSpec(StrictModel):
+    """Deterministic preprocessing, saved with every checkpoint.
+
+    ``size`` is ``(H, W)``. ``scale="imagenet"`` maps pixels to ``(x / 255 - mean) / std`` (ImageNet
+    statistics unless given); ``scale="unit"`` maps them to plain ``x / 255`` in ``[0, 1]`` (CancerNet) and
+    stores ``mean = 0``, ``std = 1`` whatever was passed. ``stain_normalization`` applies Macenko or Reinhard
+    normalisation (:mod:`breakhis_ray.data.stain_norm`) towards ``stain_reference`` (fitted parameters from
+    ``Normalizer.to_dict()``; ``None`` = the built-in H&E reference).
+    """
+
+    size: tuple[int, int] = (224, 224)
+    scale: Literal["imagenet", "unit"] = "imagenet"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    stain_normalization: Literal["macenko", "reinhard"] | None = None
+    stain_reference: dict[str, Any] | None = None
+
+    _size = field_validator("size", mode="before")(lambda cls, v: parse_hw(v))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_stats(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("scale", "imagenet") == "unit":
+            data["mean"], data["std"] = UNIT_MEAN, UNIT_STD
+        else:
+            if data.get("mean") is None:
+                data["mean"] = IMAGENET_MEAN
+            if data.get("std") is None:
+                data["std"] = IMAGENET_STD
+        return data
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(s <= 0 for s in value):
+            raise ValueError(f"std must be positive, got {value}")
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (what ``meta.json`` stores)."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PreprocessSpec":
+        return cls.model_validate(data)
+
+
+# ------------------------------------------------------------------------------------------ decode
+def _composite_on_white(img):
+    from PIL import Image
+
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _wide_gray_to_uint8(img) -> np.ndarray:
+    """16-bit / 32-bit integer or float greyscale -> uint8, mapping the full 16-bit range onto 0..255."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        arr8 = np.clip(np.rint(np.nan_to_num(arr, nan=0.0)), 0, 255).astype(np.uint8)
+    else:
+        wide = np.clip(arr.astype(np.int64), 0, 65535)
+        arr8 = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+    return np.repeat(arr8[..., None], 3, axis=-1)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded bytes (PNG, JPEG, WebP, TIFF, ...) -> ``uint8`` array ``(H, W, 3)`` RGB.
+
+    Modes are converted the same way everywhere: greyscale is replicated to three channels; transparency
+    (RGBA, LA, palette with transparency) is composited onto white (the slide background); 16-bit
+    greyscale (``I;16``/``I``) maps ``0..65535`` linearly onto ``0..255``; multi-frame files use frame 0.
+    Raises :class:`DataError` for bytes that are not a readable image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DataError(f"decode_image expects encoded image bytes, got {type(data).__name__}")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            mode = img.mode
+            if mode == "RGB":
+                out = np.asarray(img)
+            elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+                out = np.asarray(_composite_on_white(img))
+            elif mode.startswith("I") or mode == "F":
+                out = _wide_gray_to_uint8(img)
+            else:  # L, 1, P, CMYK, YCbCr, LAB, HSV, ...
+                out = np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"cannot decode image ({len(data)} bytes): {msg}") from None
+    return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+def resize_uint8(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resize ``uint8 (H, W, C)`` to ``size = (H, W)`` with PIL's antialiased bilinear filter (deterministic).
+
+    Returns the input unchanged when it already has that size.
+    """
+    from PIL import Image
+
+    height, width = int(size[0]), int(size[1])
+    if img.ndim != 3 or img.dtype != np.uint8:
+        raise DataError(f"resize_uint8 expects a uint8 (H, W, C) image, got {img.dtype} {img.shape}")
+    if img.shape[:2] == (height, width):
+        return img
+    if img.shape[2] == 1:
+        out = Image.fromarray(img[..., 0]).resize((width, height), Image.Resampling.BILINEAR)
+        return np.asarray(out)[..., None]
+    out = Image.fromarray(img).resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(out)
+
+
+def prepare_uint8(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Resize to ``spec.size`` then stain-normalize (if asked): the cached, pre-augmentation form.
+
+    Resizing first keeps the stain estimate on exactly the pixels the model sees and makes the result
+    independent of whether the shards were stored pre-resized.
+    """
+    out = resize_uint8(img, spec.size)
+    if spec.stain_normalization is not None:
+        from breakhis_ray.data.stain_norm import get_normalizer
+
+        out = get_normalizer(spec.stain_normalization, spec.stain_reference).transform(out)
+    return out
+
+
+def prepare_bytes(images: Sequence[bytes], spec: PreprocessSpec) -> np.ndarray:
+    """Encoded images -> ``uint8 (N, H, W, 3)`` (decode + :func:`prepare_uint8`)."""
+    height, width = spec.size
+    out = np.empty((len(images), height, width, 3), dtype=np.uint8)
+    for i, data in enumerate(images):
+        out[i] = prepare_uint8(decode_image(data), spec)
+    return out
+
+
+# --------------------------------------------------------------------------------------- normalize
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def normalize(batch, spec: PreprocessSpec | None = None):
+    """``uint8 (N, H, W, C)`` numpy array or torch tensor -> ``float32 (N, C, H, W)`` of the same kind.
+
+    RGB channels become ``(x / 255 - mean) / std``; channels beyond the third (e.g. a mask) are only
+    scaled to ``[0, 1]``. A torch tensor stays on its device, so training normalizes on the GPU.
+    """
+    spec = spec or PreprocessSpec()
+    if batch.ndim != 4:
+        raise DataError(f"normalize expects a (N, H, W, C) batch, got shape {tuple(batch.shape)}")
+    channels = int(batch.shape[-1])
+    if channels < 3:
+        raise DataError(f"normalize expects at least 3 channels (RGB), got {channels}")
+    mean = np.zeros(channels, dtype=np.float32)
+    std = np.ones(channels, dtype=np.float32)
+    mean[:3], std[:3] = spec.mean, spec.std
+    # (x / 255 - mean) / std == x * a + b, computed identically for numpy and torch.
+    a = (1.0 / (255.0 * std)).astype(np.float32)
+    b = (-mean / std).astype(np.float32)
+    if _is_torch(batch):
+        import torch
+
+        if batch.dtype != torch.uint8:
+            raise DataError(f"normalize expects uint8 pixels, got {batch.dtype} (already normalized?)")
+        x = batch.permute(0, 3, 1, 2).to(torch.float32)
+        a_t = torch.as_tensor(a, device=batch.device).view(1, channels, 1, 1)
+        b_t = torch.as_tensor(b, device=batch.device).view(1, channels, 1, 1)
+        return (x * a_t + b_t).contiguous()
+    batch = np.asarray(batch)
+    if batch.dtype != np.uint8:
+        raise DataError(f"normalize expects uint8 pixels, got {batch.dtype} (already normalized?)")
+    x = batch.transpose(0, 3, 1, 2).astype(np.float32)
+    return np.ascontiguousarray(x * a.reshape(1, channels, 1, 1) + b.reshape(1, channels, 1, 1))
+
+
+def preprocess_bytes(images: Sequence[bytes], spec: PreprocessSpec) -> np.ndarray:
+    """THE eval / inference transform: encoded images -> ``float32 (N, 3, H, W)``."""
+    return normalize(prepare_bytes(images, spec), spec)

@@ -1,0 +1,416 @@
+"""Classifier training with Ray Train: ``TorchTrainer`` + DDP, per-epoch reports with checkpoints, resume.
+
+The driver (`run_train`) builds the Ray datasets from the prepared shards and launches the trainer; every
+worker runs `train_loop_per_worker`, which re-validates the dumped config, restores the latest checkpoint
+(model, optimiser, scheduler, epoch, RNG, history, early-stopping state) and runs small epoch functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from breakhis_ray import storage
+from breakhis_ray.config import TrainConfig, config_yaml, dump_config, validate_config
+from breakhis_ray.errors import BreakhisError
+
+LABELS = ["benign", "malignant"]
+
+# Transfer-learning strategies (VGG paper, Fig. 4) plus the common warm-up schedule:
+# name -> (use pretrained weights, epochs with a frozen backbone (None = always), online augmentation)
+STRATEGIES: dict[str, tuple[bool, int | None, bool]] = {
+    "scratch": (False, 0, False),
+    "frozen": (True, None, False),
+    "finetune": (True, 0, False),
+    "finetune_aug": (True, 0, True),
+    "warmup_finetune": (True, -1, True),  # -1: cfg.train.warmup_epochs
+}
+
+
+def strategy_plan(cfg: TrainConfig) -> tuple[bool, int | None, bool]:
+    """(load pretrained weights, frozen-backbone epochs or None for always, online augmentation)."""
+    pretrained, frozen_epochs, augment = STRATEGIES[cfg.train.strategy]
+    if frozen_epochs == -1:
+        frozen_epochs = cfg.train.warmup_epochs
+    return pretrained and cfg.model.weights is not None, frozen_epochs, augment
+
+
+def _backbone_frozen(frozen_epochs: int | None, epoch: int) -> bool:
+    return frozen_epochs is None or epoch < frozen_epochs
+
+
+# ------------------------------------------------------------------------------------ model pieces
+def build_model(cfg: TrainConfig):
+    from breakhis_ray.models import create_model
+
+    pretrained, _, _ = strategy_plan(cfg)
+    return create_model(
+        cfg.model.name,
+        num_classes=len(LABELS),
+        weights=cfg.model.weights if pretrained else None,
+        in_channels=cfg.model.in_channels,
+        dropout=cfg.model.dropout,
+    )
+
+
+def build_optimizer(cfg: TrainConfig, model):
+    """Two parameter groups (backbone, head) so a warm-up can unfreeze the backbone at a lower lr."""
+    import torch
+
+    from breakhis_ray.models import split_backbone_head
+
+    backbone, head = split_backbone_head(model)
+    groups = [
+        {"params": backbone, "lr": cfg.train.lr * cfg.train.backbone_lr_factor, "name": "backbone"},
+        {"params": head, "lr": cfg.train.lr, "name": "head"},
+    ]
+    opt = cfg.train.optimizer
+    if opt == "adam":
+        optimizer = torch.optim.Adam(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    elif opt == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                    weight_decay=cfg.train.weight_decay, nesterov=True)
+    if cfg.train.scheduler == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.train.epochs))
+    elif cfg.train.scheduler == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.train.step_size, gamma=0.1)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return optimizer, scheduler
+
+
+def preprocess_spec(cfg: TrainConfig):
+    from breakhis_ray.data.transforms import PreprocessSpec
+    from breakhis_ray.models import preprocessing_for
+
+    norm = preprocessing_for(cfg.model.name)
+    return PreprocessSpec(
+        size=tuple(cfg.data.image_size),
+        scale=cfg.data.scale,
+        mean=norm["mean"],
+        std=norm["std"],
+        stain_normalization=cfg.data.stain_normalization,
+    )
+
+
+# ------------------------------------------------------------------------------------- epoch steps
+def _autocast(device):
+    import contextlib
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(model, batches, loss_fn, optimizer, device, *, amp: bool, grad_clip: float | None,
+                    max_steps: int | None = None) -> dict[str, float]:
+    """One pass over ``batches`` (iterable of (x, y) tensors on ``device``); returns summed statistics."""
+    import contextlib
+
+    import torch
+
+    model.train()
+    loss_sum, correct, seen, steps = 0.0, 0, 0, 0
+    start = time.perf_counter()
+    for x, y in batches:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device) if amp else contextlib.nullcontext():
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        steps += 1
+        if max_steps and steps >= max_steps:
+            break
+    elapsed = time.perf_counter() - start
+    return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "seconds": elapsed}
+
+
+def evaluate(model, batches, loss_fn, device, *, amp: bool) -> dict[str, float]:
+    """Loss and binary confusion counts (malignant = 1 positive) over ``batches``."""
+    import contextlib
+
+    import torch
+
+    model.eval()
+    stats = {"loss_sum": 0.0, "tp": 0, "tn": 0, "fp": 0, "fn": 0, "seen": 0}
+    with torch.no_grad():
+        for x, y in batches:
+            with _autocast(device) if amp else contextlib.nullcontext():
+                logits = model(x)
+            stats["loss_sum"] += float(loss_fn(logits.float(), y)) * len(y)
+            pred = logits.argmax(1)
+            stats["tp"] += int(((pred == 1) & (y == 1)).sum())
+            stats["tn"] += int(((pred == 0) & (y == 0)).sum())
+            stats["fp"] += int(((pred == 1) & (y == 0)).sum())
+            stats["fn"] += int(((pred == 0) & (y == 1)).sum())
+            stats["seen"] += len(y)
+    return stats
+
+
+def _all_reduce(stats: dict[str, float], device) -> dict[str, float]:
+    """Sum statistics over all ranks so every rank sees the same epoch metrics (and stops together)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return stats
+    keys = sorted(stats)
+    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def epoch_metrics(train: dict, val: dict, world_size: int) -> dict[str, float]:
+    tp, tn, fp, fn = val["tp"], val["tn"], val["fp"], val["fn"]
+    n_val = max(1.0, val["seen"])
+    sens = tp / (tp + fn) if tp + fn else 0.0
+    spec = tn / (tn + fp) if tn + fp else 0.0
+    return {
+        "train_loss": train["loss_sum"] / max(1.0, train["seen"]),
+        "train_accuracy": train["correct"] / max(1.0, train["seen"]),
+        "val_loss": val["loss_sum"] / n_val,
+        "val_accuracy": (tp + tn) / n_val,
+        "val_balanced_accuracy": (sens + spec) / 2,
+        "val_f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
+        "val_images": val["seen"],
+        # each rank timed its own share; the slowest bounds the epoch
+        "train_images_per_s": train["seen"] / max(1e-9, train["seconds"] / world_size),
+    }
+
+
+# -------------------------------------------------------------------------------- fault injection
+def _maybe_inject_failure(cfg: TrainConfig, epoch: int, rank: int) -> None:
+    """Chaos testing hook: fail once at ``run.inject_failure.epoch`` (a marker in storage stops repeats)."""
+    spec = cfg.run.inject_failure
+    if spec is None or spec.epoch != epoch or spec.rank != rank:
+        return
+    marker = storage.join(cfg.run.storage_path, cfg.run.name, f".injected-failure-epoch{epoch}")
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, "injected\n")
+    if spec.mode == "kill":
+        os._exit(1)
+    raise RuntimeError(f"injected failure at epoch {epoch} on rank {rank}")
+
+
+# ------------------------------------------------------------------------------------ worker loop
+def _rng_state() -> dict:
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    import torch
+
+    py = state["python"]
+    random.setstate((int(py[0]), tuple(int(v) for v in py[1]), py[2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(gauss)))
+    torch.set_rng_state(state["torch"])
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from breakhis_ray.checkpoint import load_state_dict, load_train_state, save_checkpoint, unwrap_model
+    from breakhis_ray.data.pipeline import iter_train_batches
+    from breakhis_ray.losses import create_loss
+    from breakhis_ray.models import set_backbone_trainable
+
+    cfg = validate_config(TrainConfig, config)
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.train.seed + rank)
+    np.random.seed(cfg.train.seed + rank)
+    random.seed(cfg.train.seed + rank)
+    device = ray.train.torch.get_device()
+    amp = cfg.train.amp and device.type == "cuda"
+
+    _, frozen_epochs, _ = strategy_plan(cfg)
+    model = build_model(cfg)
+    spec = preprocess_spec(cfg)
+    model_args = dict(model.model_args)
+    set_backbone_trainable(model, not _backbone_frozen(frozen_epochs, 0))
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    optimizer, scheduler = build_optimizer(cfg, model)
+    loss_fn = create_loss(cfg.loss.name, class_counts=cfg.loss.class_counts, alpha=cfg.loss.alpha,
+                          gamma=cfg.loss.gamma, label_smoothing=cfg.loss.label_smoothing).to(device)
+
+    start_epoch, history, best, stale = 0, [], None, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            unwrap_model(model).load_state_dict(load_state_dict(ckpt_dir, map_location=device))
+            state = load_train_state(ckpt_dir, map_location=device)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"], state.get("history", [])
+        best, stale = state.get("best"), state.get("stale", 0)
+        if "rng" in state:
+            _set_rng_state(state["rng"])
+        if rank == 0:
+            print(f"[train] resumed from checkpoint at epoch {start_epoch}/{cfg.train.epochs}", flush=True)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    for epoch in range(start_epoch, cfg.train.epochs):
+        _maybe_inject_failure(cfg, epoch, rank)
+        frozen = _backbone_frozen(frozen_epochs, epoch)
+        set_backbone_trainable(model, not frozen)
+        train_stats = train_one_epoch(
+            model, iter_train_batches(train_shard, cfg.train.batch_size, device, spec, in_channels=cfg.model.in_channels),
+            loss_fn, optimizer, device, amp=amp, grad_clip=cfg.train.grad_clip,
+            max_steps=cfg.train.max_steps_per_epoch)
+        val_stats = evaluate(model, iter_train_batches(val_shard, cfg.train.eval_batch_size, device, spec,
+                                                       in_channels=cfg.model.in_channels),
+                             loss_fn, device, amp=amp)
+        scheduler.step()
+        metrics = epoch_metrics(_all_reduce(train_stats, device), _all_reduce(val_stats, device), world)
+        metrics.update(epoch=epoch + 1, backbone_frozen=frozen, lr=optimizer.param_groups[-1]["lr"])
+        history.append(metrics)
+        score = metrics[cfg.run.checkpoint_metric]
+        improved = best is None or (score > best if cfg.run.checkpoint_mode == "max" else score < best)
+        best, stale = (score, 0) if improved else (best, stale + 1)
+        stop = cfg.train.early_stopping_patience is not None and stale >= cfg.train.early_stopping_patience
+        metrics["early_stopped"] = stop
+        if rank == 0:
+            print(f"[train] epoch {epoch + 1}/{cfg.train.epochs} train_loss={metrics['train_loss']:.4f} "
+                  f"train_acc={metrics['train_accuracy']:.3f} val_loss={metrics['val_loss']:.4f} "
+                  f"val_acc={metrics['val_accuracy']:.3f} val_bal_acc={metrics['val_balanced_accuracy']:.3f} "
+                  f"{metrics['train_images_per_s']:.1f} img/s{' (backbone frozen)' if frozen else ''}",
+                  flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(
+                    tmp, model, model_args=model_args, labels=LABELS, preprocessing=spec.to_dict(),
+                    config=dump_config(cfg),
+                    extra_state={"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                                 "history": history, "best": best, "stale": stale})
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+        if stop:
+            if rank == 0:
+                print(f"[train] early stopping: no {cfg.run.checkpoint_metric} improvement for {stale} epochs",
+                      flush=True)
+            break
+
+
+# ----------------------------------------------------------------------------------------- driver
+def _class_counts(datasets) -> list[int]:
+    from breakhis_ray.data.pipeline import class_counts
+
+    counts = class_counts(datasets["train"])
+    return [int(counts.get(i, 0)) for i in range(len(LABELS))]
+
+
+def build_trainer(cfg: TrainConfig, datasets: dict):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    fs, path = storage.resolve(cfg.run.storage_path)
+    run_config = ray.train.RunConfig(
+        name=cfg.run.name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=cfg.run.keep_checkpoints,
+            checkpoint_score_attribute=cfg.run.checkpoint_metric,
+            checkpoint_score_order=cfg.run.checkpoint_mode,
+        ),
+        worker_runtime_env={"env_vars": storage.credential_env()} or None,
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=dump_config(cfg),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources,
+        ),
+        torch_config=TorchConfig(backend=cfg.scaling.backend or ("nccl" if cfg.scaling.use_gpu else "gloo")),
+        run_config=run_config,
+        datasets={"train": datasets["train"], "val": datasets["val"]},
+    )
+
+
+def _checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
+    """Storage URI (same scheme as ``run.storage_path``) of a Ray checkpoint."""
+    return f"s3://{checkpoint.path}" if storage.is_s3(cfg.run.storage_path) else checkpoint.path
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    """Train one classifier; returns a summary with the best and latest checkpoint URIs."""
+    import ray.train
+
+    from breakhis_ray.data.pipeline import build_datasets
+    from breakhis_ray.ray_utils import ensure_ray
+
+    ensure_ray(cfg.ray)
+    pretrained, _, augment = strategy_plan(cfg)
+    if STRATEGIES[cfg.train.strategy][0] and not pretrained:
+        print(f"[train] strategy {cfg.train.strategy!r} without model.weights: the backbone starts from random "
+              "init (pass model.weights=PATH|s3://...|torchvision for transfer learning)", flush=True)
+    data_cfg = cfg.data.model_copy(update={"augment": cfg.data.augment.model_copy(update={"enabled": augment})})
+    datasets = build_datasets(data_cfg)
+    if cfg.loss.name == "weighted_ce" and cfg.loss.class_counts is None:
+        cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"class_counts": _class_counts(datasets)})})
+    run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
+    storage.write_text(storage.join(run_dir, "config.yaml"), config_yaml(cfg))
+    print(f"[train] {cfg.model.name} strategy={cfg.train.strategy} loss={cfg.loss.name} "
+          f"workers={cfg.scaling.num_workers} gpu={cfg.scaling.use_gpu} -> {run_dir}", flush=True)
+    try:
+        result = build_trainer(cfg, datasets).fit()
+    except ray.train.TrainingFailedError as exc:
+        raise BreakhisError(f"training run {run_dir} failed: {str(exc).splitlines()[0]}") from exc
+    return _summarise(cfg, result, run_dir)
+
+
+def _summarise(cfg: TrainConfig, result, run_dir: str) -> dict:
+    best = result.get_best_checkpoint(cfg.run.checkpoint_metric, cfg.run.checkpoint_mode) \
+        if result.best_checkpoints else None
+    history = [m for _, m in sorted(result.best_checkpoints, key=lambda cm: cm[1].get("epoch", 0))]
+    latest = result.checkpoint
+    summary = {
+        "run_dir": run_dir,
+        "best_checkpoint": _checkpoint_uri(cfg, best) if best else None,
+        "latest_checkpoint": _checkpoint_uri(cfg, latest) if latest else None,
+        "metric": cfg.run.checkpoint_metric,
+        "final_metrics": result.metrics,
+        "best_metrics": next((m for c, m in result.best_checkpoints if best and c.path == best.path), None),
+        "kept_checkpoints": history,
+    }
+    storage.write_text(storage.join(run_dir, "result.json"), json.dumps(summary, indent=2, default=str))
+    if summary["best_checkpoint"]:
+        print(f"[train] best checkpoint ({cfg.run.checkpoint_metric}="
+              f"{(summary['best_metrics'] or {}).get(cfg.run.checkpoint_metric)}): {summary['best_checkpoint']}",
+              flush=True)
+    return summary
+
+
+def write_local_summary(summary: dict, out: str | Path) -> None:
+    Path(out).write_text(json.dumps(summary, indent=2, default=str))
