@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from breakhis_ray.errors import ConfigError
 
@@ -69,9 +69,9 @@ class ManifestConfig(StrictModel):
 
 
 # ------------------------------------------------------------------------------------------ splits
-class SplitConfig(StrictModel):
-    manifest: str
-    out: str
+class SplitOptions(StrictModel):
+    """How images are assigned to folds and train/val/test (shared by ``split`` and ``prepare``)."""
+
     mode: Literal["patient", "official", "image"] = "patient"
     folds: int = Field(default=5, ge=2, le=20)
     patient_key: Literal["folder", "slide"] = "folder"
@@ -79,6 +79,117 @@ class SplitConfig(StrictModel):
     folds_file: str | None = None
     val_fraction: float = Field(default=0.15, ge=0.0, lt=0.5)
     seed: int = 0
+
+
+class SplitConfig(SplitOptions):
+    manifest: str
+    out: str
+
+
+# ----------------------------------------------------------------------------------------- prepare
+ENHANCE_TRANSFORMS = ("hflip", "vflip", "rot90", "rot180", "rot270", "hed_jitter")
+_BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _size_string(value: Any) -> str | None:
+    """``None`` stays ``None``; ``"WxH"``/``[W, H]`` -> the canonical string ``"WxH"``."""
+    if value is None:
+        return None
+    width, height = parse_size(value)
+    return f"{width}x{height}"
+
+
+def _parse_bytes(value: Any) -> int | None:
+    """``268435456``, ``"256MB"``, ``"1GiB"`` -> bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    text = str(value).strip().upper().replace(" ", "")
+    number = text.rstrip("KMGIB")
+    unit = text[len(number):]
+    if unit not in _BYTE_UNITS or not number.replace(".", "", 1).isdigit():
+        raise ValueError(f"byte size must look like 268435456, 256MB or 1GiB, got {value!r}")
+    return int(float(number) * _BYTE_UNITS[unit])
+
+
+class EnhanceConfig(StrictModel):
+    """Offline class balancing ("data enhancement", Tab. 2 of the VGG + focal loss paper).
+
+    Deterministic augmented copies of *training* images of the minority class, per magnification, until the
+    classes balance (``target: balance``) or each class reaches ``target`` images per magnification.
+    ``transforms``: ``hflip``, ``vflip``, ``rot90``, ``rot180``, ``rot270`` (quarter turns only for square
+    images) and ``hed_jitter`` / ``hed_jitter(SIGMA)`` (seeded stain jitter, added to every copy; it also
+    allows more copies per image than there are geometric transforms).
+    """
+
+    enabled: bool = False
+    target: Literal["balance"] | int = "balance"
+    transforms: list[str] = Field(default_factory=lambda: ["hflip", "vflip", "rot90", "rot180", "rot270"])
+    seed: int = 0
+
+    @field_validator("target")
+    @classmethod
+    def _positive_target(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"target must be 'balance' or a positive count, got {value}")
+        return value
+
+    @field_validator("transforms")
+    @classmethod
+    def _known_transforms(cls, value: list[str]) -> list[str]:
+        out = []
+        for item in value:
+            name = str(item).strip().replace(" ", "")
+            base = name.split("(", 1)[0]
+            if base not in ENHANCE_TRANSFORMS:
+                raise ValueError(f"unknown transform {item!r}: choose from {', '.join(ENHANCE_TRANSFORMS)}")
+            if "(" in name:
+                arg = name[len(base):]
+                try:
+                    sigma = float(arg[1:-1]) if base == "hed_jitter" and arg.endswith(")") else None
+                except ValueError:
+                    sigma = None
+                if sigma is None or not 0.0 < sigma <= 0.5:
+                    raise ValueError(f"transform {item!r}: only hed_jitter takes an argument, 0 < sigma <= 0.5")
+                name = f"hed_jitter({sigma:g})"
+            if name.split("(", 1)[0] in [o.split("(", 1)[0] for o in out]:
+                raise ValueError(f"transform {base!r} is listed twice")
+            out.append(name)
+        if not out:
+            raise ValueError("transforms must not be empty")
+        return out
+
+
+class PrepareConfig(StrictModel):
+    """``breakhis-ray prepare``: decode and check every image, write Parquet shards, rejects, manifest and splits."""
+
+    root: str = Field(description="BreakHis tree URI, or a manifest Parquet (*.parquet)")
+    out: str = Field(description="destination URI (local path or s3://bucket/prefix)")
+    splits: str | None = Field(default=None, description="an existing splits Parquet; default: made with `split`")
+    split: SplitOptions = SplitOptions()
+    fold: int = Field(default=1, ge=1, description="the fold whose train/val/test the shards carry")
+    resize: str | None = Field(default=None, description="'WxH' to resize every image to, or null (keep)")
+    expected_size: str | None = Field(
+        default=None, description="'WxH' or 'auto' (the most common manifest size): reject other sizes; null: no check"
+    )
+    image_format: Literal["png", "jpeg", "webp"] = "png"
+    quality: int = Field(default=95, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)")
+    shard_size: int = Field(default=1000, ge=1, description="images per shard at most")
+    shard_bytes: int | None = Field(default=None, ge=1, description="target shard size (estimated), e.g. 256MB")
+    row_group_size: int = Field(default=64, ge=1, description="images per Parquet row group")
+    max_pixels: int = Field(default=40_000_000, ge=64, description="decompression-bomb guard: width*height limit")
+    task_cpus: float = Field(default=0.5, gt=0.0)
+    enhance: EnhanceConfig = EnhanceConfig()
+    ray: RayConfig = RayConfig()
+
+    _resize = field_validator("resize", mode="before")(lambda cls, v: _size_string(v))
+    _shard_bytes = field_validator("shard_bytes", mode="before")(lambda cls, v: _parse_bytes(v))
+
+    @field_validator("expected_size", mode="before")
+    @classmethod
+    def _expected(cls, value: Any) -> str | None:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return _size_string(value)
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -307,6 +418,49 @@ class RunSection(StrictModel):
     checkpoint_metric: str = "val_balanced_accuracy"
     checkpoint_mode: Literal["max", "min"] = "max"
     inject_failure: FailureInjection | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    data_progress_bars: bool = False
+
+
+# -------------------------------------------------------------------------------------- guidance
+class GuidanceConfig(StrictModel):
+    """Segmentation-guided classification (CancerNet "with U-Net"): how nuclei masks reach the classifier.
+
+    ``method``: ``none`` (plain RGB, "without U-Net"), ``threshold``, ``watershed`` or ``unet`` (needs
+    ``unet_checkpoint``). ``mode``: ``channel`` appends the nuclei mask as a 4th input channel (the classifier
+    needs ``model.in_channels=4``); ``emphasis`` keeps 3 channels and fades everything that is not nucleus
+    towards white by ``emphasis_strength``, so pretrained RGB backbones apply unchanged. The masks are computed
+    once, deterministically, on the decoded and resized images before ``materialize()``; inference applies the
+    same guidance, read from the classifier checkpoint's config.
+    """
+
+    method: Literal["none", "threshold", "watershed", "unet"] = "none"
+    unet_checkpoint: str | None = Field(default=None, description="U-Net checkpoint directory (local or s3://)")
+    mode: Literal["channel", "emphasis"] = "channel"
+    emphasis_strength: float = Field(default=0.6, gt=0.0, le=1.0,
+                                     description="emphasis: share of the way non-nuclear pixels fade to white")
+    segmenter_options: dict[str, Any] = Field(default_factory=dict,
+                                              description="keyword options for create_segmenter")
+    batch_size: int = Field(default=16, ge=1, description="images per segmentation batch")
+    num_cpus: float = Field(default=0.5, gt=0.0, description="CPUs per guidance task / actor")
+    num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per U-Net actor (fractions share one)")
+    concurrency: int = Field(default=1, ge=1, description="U-Net actors (classical methods run as tasks)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = Field(default=None, ge=1, description="torch threads per U-Net actor "
+                                      "(null: max(1, round(num_cpus)))")
+
+    @model_validator(mode="after")
+    def _checkpoint_matches_method(self) -> "GuidanceConfig":
+        if self.method == "unet" and not self.unet_checkpoint:
+            raise ValueError("guidance.method=unet needs guidance.unet_checkpoint (a U-Net checkpoint directory)")
+        if self.method != "unet" and self.unet_checkpoint:
+            raise ValueError(f"guidance.unet_checkpoint is only used with method=unet, not {self.method!r}")
+        return self
+
+    @property
+    def in_channels(self) -> int:
+        """Classifier input channels this guidance produces (4 for ``channel`` mode, else 3)."""
+        return 4 if self.method != "none" and self.mode == "channel" else 3
 
 
 class TrainConfig(StrictModel):
@@ -317,6 +471,147 @@ class TrainConfig(StrictModel):
     scaling: ScalingSection = ScalingSection()
     run: RunSection = RunSection()
     ray: RayConfig = RayConfig()
+
+
+# ------------------------------------------------------------------------------------ segmentation
+class SegSplitSection(StrictModel):
+    """Deterministic patient-grouped train/val split for segmentation (no patient on both sides).
+
+    Patient groups are the folders (``patient_key=folder``, the DC/LC copies of slide 13412 merged) or slide
+    numbers; within each class ``val_fraction`` of the groups (at least one) go to val, chosen by a seeded hash
+    of the group id, so the split does not depend on listing order or on the other patients.
+    """
+
+    val_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
+    seed: int = 0
+    patient_key: Literal["folder", "slide"] = "folder"
+
+
+class SegSourceSection(StrictModel):
+    """Images (a BreakHis-layout tree, e.g. ``breakhis-ray synth --out``) and their nuclei masks."""
+
+    root: str = Field(description="image tree URI (local or s3://); histology_slides/breast is found below it")
+    mask_root: str | None = Field(default=None, description="tree of masks with the images' paths relative to "
+                                  "root; null: <root>/masks (the synthetic layout)")
+    mask_suffix: str = Field(default="_nuclei.png", description="mask file = <mask_root>/<relative path without "
+                             "extension><suffix>; any non-zero pixel is nucleus")
+    magnifications: list[int] | Literal["all"] = "all"
+    max_images: int | None = Field(default=None, ge=1, description="cap per split (a seeded, spread-out subset)")
+    split: SegSplitSection = SegSplitSection()
+
+    _magnifications = field_validator("magnifications", mode="before")(lambda cls, v: _parse_magnifications(v))
+
+
+def _unet_size(value: Any) -> tuple[int, int]:
+    height, width = _parse_hw(value)
+    if height % 32 or width % 32:
+        raise ValueError(f"U-Net image size must be multiples of 32, got H={height} W={width}")
+    return height, width
+
+
+class SegDataConfig(SegSourceSection):
+    """U-Net training data: image/mask pairs decoded and resized once (image bilinear, mask nearest) before
+    ``materialize()``; random flips/quarter turns applied identically to image and mask after it."""
+
+    mask_source: Literal["ground_truth", "threshold", "watershed"] = Field(
+        default="ground_truth", description="ground_truth: mask files; threshold|watershed: pseudo-labels of "
+        "the classical method on each full-resolution image (for trees without masks, e.g. BreakHis)")
+    pseudo_options: dict[str, Any] = Field(default_factory=dict,
+                                           description="keyword options for the pseudo-label segmenter")
+    image_size: tuple[int, int] = Field(default=(128, 128), description="(H, W), an int or 'WxH'; multiples of 32")
+    scale: Literal["imagenet", "unit"] = "imagenet"
+    materialize: bool = True
+    decode_batch_size: int = Field(default=8, ge=1)
+    decode_num_cpus: float = Field(default=0.5, gt=0.0)
+    decode_concurrency: int | None = Field(default=None, ge=1)
+    augment: AugmentConfig = AugmentConfig()
+    seed: int | None = Field(default=0, description="augmentation/shuffle seed; null: fresh entropy every run")
+
+    _image_size = field_validator("image_size", mode="before")(lambda cls, v: _unet_size(v))
+
+    @field_validator("augment")
+    @classmethod
+    def _no_crop(cls, value: AugmentConfig) -> AugmentConfig:
+        if value.enabled and value.random_resized_crop:
+            raise ValueError("random_resized_crop is not supported for image/mask pairs (flips, quarter turns, "
+                             "HED and colour jitter are)")
+        return value
+
+
+class SegModelConfig(StrictModel):
+    encoder: Literal["resnet18", "resnet34", "resnet50", "vgg16", "vgg16_bn", "densenet121"] = "resnet18"
+    weights: str | None = Field(default=None, description="encoder ImageNet weights: path, s3:// URI, "
+                                "'torchvision' ($TORCH_HOME cache) or null (random init)")
+    decoder_channels: list[int] | None = Field(default=None, description="5 ints; null: smp's (256, 128, 64, 32, 16)")
+
+
+class SegLossConfig(StrictModel):
+    dice_weight: float = Field(default=1.0, ge=0.0)
+    bce_weight: float = Field(default=1.0, ge=0.0)
+    gamma: float = Field(default=0.0, ge=0.0, description="> 0: sigmoid focal loss instead of BCE")
+
+
+class SegOptimConfig(StrictModel):
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    eval_batch_size: int = Field(default=16, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    scheduler: Literal["none", "cosine"] = "cosine"
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    grad_clip: float | None = Field(default=None, gt=0.0)
+    amp: bool = Field(default=True, description="bf16 autocast on GPU; ignored on CPU")
+    max_steps_per_epoch: int | None = Field(default=None, ge=1)
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0, description="probability cut for Dice/IoU")
+    seed: int = 0
+
+
+class SegRunSection(RunSection):
+    name: str = "breakhis-unet"
+    storage_path: str = "runs/segmenter"
+    checkpoint_metric: str = "val_dice"
+
+
+class SegTrainConfig(StrictModel):
+    """``breakhis-ray train-segmenter``: a U-Net on nuclei masks with Ray Train."""
+
+    data: SegDataConfig
+    model: SegModelConfig = SegModelConfig()
+    loss: SegLossConfig = SegLossConfig()
+    train: SegOptimConfig = SegOptimConfig()
+    scaling: ScalingSection = ScalingSection()
+    run: SegRunSection = SegRunSection()
+    ray: RayConfig = RayConfig()
+
+
+class SegEvalConfig(SegSourceSection):
+    """``breakhis-ray segment-eval``: Dice/IoU of threshold, watershed and a U-Net against ground-truth masks.
+
+    Images: ``images`` (paths relative to ``root`` or full URIs), else the val paths of a training run's
+    ``split.json`` (``split_file``), else the val split that ``split`` gives (the training default).
+    """
+
+    out: str = Field(description="output directory: segment_eval.json, overlays.png, config.yaml")
+    unet_checkpoint: str | None = Field(default=None, description="U-Net checkpoint directory (local or s3://)")
+    images: list[str] | None = None
+    split_file: str | None = Field(default=None, description="split.json written by train-segmenter")
+    subset: Literal["val", "train", "all"] = "val"
+    eval_size: tuple[int, int] | None = Field(default=None, description="(H, W) or 'WxH' every method and the "
+                                              "masks are resized to; null: native resolution")
+    threshold_options: dict[str, Any] = Field(default_factory=dict)
+    watershed_options: dict[str, Any] = Field(default_factory=dict)
+    unet_options: dict[str, Any] = Field(default_factory=dict, description="options for UNetSegmenter")
+    overlay_images: int = Field(default=4, ge=0, description="tiles in the overlay grid (0: none)")
+    batch_size: int = Field(default=8, ge=1)
+    num_cpus: float = Field(default=0.5, gt=0.0, description="CPUs per evaluation actor")
+    num_gpus: float = Field(default=0.0, ge=0.0)
+    concurrency: int = Field(default=1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    ray: RayConfig = RayConfig()
+
+    _eval_size = field_validator("eval_size", mode="before")(lambda cls, v: _parse_hw_or_none(v))
 
 
 # ------------------------------------------------------------------------------------------- infer
@@ -382,3 +677,71 @@ class InferConfig(StrictModel):
         if not value:
             raise ValueError("extensions must name at least one suffix")
         return [v.lower() if v.startswith(".") else "." + v.lower() for v in value]
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+def _one_or_many(value: Any) -> Any:
+    """A single value becomes a one-element list; ``None`` and lists pass through."""
+    if value is None or isinstance(value, (list, tuple)):
+        return value
+    return [value]
+
+
+class EvaluateConfig(StrictModel):
+    """``breakhis-ray evaluate``: metrics from prediction Parquet joined with the manifest labels.
+
+    ``predictions`` takes one URI (a Parquet file or a directory of ``part-*.parquet``) or a list, one per
+    fold; with several, the output also holds every fold and the mean ± std over folds. The evaluation set
+    is every predicted image found in the manifest, or, with ``splits``, the images of ``split`` in
+    ``fold`` (one fold per prediction set; default: the splits' folds in order).
+    """
+
+    predictions: list[str] = Field(description="prediction Parquet file or directory; a list for several folds")
+    manifest: str = Field(description="manifest Parquet whose labels, patients and magnifications are used")
+    out: str = Field(description="metrics JSON file (the resolved config is written beside it)")
+    splits: str | None = Field(default=None, description="splits Parquet: evaluate only `split` of `fold`")
+    fold: list[int] | None = Field(default=None, description="splits fold of each prediction set")
+    split: Literal["train", "val", "test"] = Field(default="test", description="which split, with `splits`")
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0, description="malignant when prob_malignant >= this")
+
+    _predictions = field_validator("predictions", mode="before")(lambda cls, v: _one_or_many(v))
+    _fold = field_validator("fold", mode="before")(lambda cls, v: _one_or_many(v))
+
+    @field_validator("predictions")
+    @classmethod
+    def _some_predictions(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("predictions must name at least one Parquet file or directory")
+        return value
+
+
+# ------------------------------------------------------------------------------------------ report
+class ReportConfig(StrictModel):
+    """``breakhis-ray report``: one self-contained ``report.html`` (+ its PNGs) from whatever inputs exist.
+
+    Every input is optional; a section whose input is not given is kept with a visible note. An input that
+    is given but cannot be read is an error.
+    """
+
+    out: str = Field(description="output directory: report.html, figures/*.png, config.yaml")
+    title: str = "BreakHis benign/malignant classification report"
+    data_source: Literal["synthetic", "real", "unspecified"] = Field(
+        default="unspecified", description="what the images are: the synthetic BreakHis or the real dataset")
+    protocol: Literal["patient", "official", "image"] | None = Field(
+        default=None, description="split protocol shown in the header; null: taken from the metrics JSON")
+    manifest: str | None = Field(default=None, description="manifest Parquet (dataset tables)")
+    prepare_summary: str | None = Field(default=None, description="prepare.json (Tab. 1 before / Tab. 2 after)")
+    train_runs: list[str] = Field(default_factory=list, description="training run directories (history.json)")
+    metrics: str | None = Field(default=None, description="metrics JSON written by `evaluate`")
+    predictions: str | None = Field(default=None, description="prediction Parquet file or directory (ROC, tiles)")
+    segmentation: str | None = Field(default=None, description="segmentation evaluation JSON (Dice/IoU, overlays)")
+    grid: str | None = Field(default=None, description="experiment grid results (JSON, Parquet or CSV)")
+    samples_grid: str | None = Field(default=None, description="PNG of synthetic samples")
+    configs: list[str] = Field(default_factory=list, description="YAML files shown in the configuration section")
+    sample_tiles: int = Field(default=8, ge=0, le=64, description="predicted tiles shown with their probability")
+    seed: int = Field(default=0, description="which tiles are shown (deterministic for a seed)")
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0, description="malignant when prob_malignant >= this")
+    embed_images: bool = Field(default=True, description="embed PNGs as data URIs (they are written as files too)")
+
+    _train_runs = field_validator("train_runs", "configs", mode="before")(
+        lambda cls, v: [] if v is None else _one_or_many(v))

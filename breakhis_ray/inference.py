@@ -82,6 +82,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from breakhis_ray import storage
@@ -128,6 +129,7 @@ PLAN_FILE = "_plan.json"
 PLAN_FORMAT = "breakhis-ray-predictions"
 CHUNK_COLUMN = "_chunk"
 MALIGNANT = "malignant"
+BENIGN = "benign"
 
 # Exceptions a single bad input may raise while being read or decoded; each becomes an error row.
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
@@ -697,8 +699,7 @@ class Predictor:
             "error": pa.array(errors, pa.string()),
             "prob_malignant": pa.array(prob, pa.float32(), mask=~ok),
             "pred_label": pa.array(
-                [(MALIGNANT if prob[i] >= 0.5 else self._other_label()) if ok[i] else None for i in range(n)],
-                pa.string()),
+                [(MALIGNANT if prob[i] >= 0.5 else BENIGN) if ok[i] else None for i in range(n)], pa.string()),
             "patient_id": pa.array([f[0] for f in fields], pa.string()),
             "magnification": pa.array([f[1] for f in fields], pa.int16()),
             "label": pa.array([f[2] for f in fields], pa.string()),
@@ -717,10 +718,6 @@ class Predictor:
         columns["processed_at"] = pa.array([now] * n, pa.timestamp("us", tz="UTC"))
         table = pa.table(columns, schema=PREDICTION_SCHEMA)
         return table.append_column(CHUNK_COLUMN, pa.array(chunks, pa.int32()))
-
-    def _other_label(self) -> str:
-        others = [lbl for lbl in self.labels if lbl != MALIGNANT]
-        return others[0] if len(others) == 1 else "benign"
 
 
 # ========================================================================================= driver
@@ -853,6 +850,10 @@ def _predictor_kwargs(cfg: InferConfig, segment_size, run_id: str) -> dict:
     }
 
 
+def _no_extra_remote_args() -> dict:
+    return {}
+
+
 def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], preprocessing: dict,
                   segment_size, run_id: str):
     """The Ray Data pipeline for ``chunks``: work units -> CPU decode tasks -> Predictor actors."""
@@ -860,9 +861,16 @@ def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], prep
 
     units = plan.units(chunks)
     decode_kwargs = {"preprocessing": preprocessing, "segment_size": segment_size, "max_pixels": cfg.max_pixels}
-    decode_remote = {"num_cpus": cfg.decode_num_cpus}
+    # A remote-args function keeps decoding a separate operator: Ray Data never fuses an operator that has
+    # one, so images are decoded in their own CPU tasks and never inside the (GPU) model actors.
+    decode_remote: dict[str, Any] = {"num_cpus": cfg.decode_num_cpus, "ray_remote_args_fn": _no_extra_remote_args}
     if cfg.decode_concurrency:
         decode_remote["concurrency"] = cfg.decode_concurrency
+    # Workers on other nodes (or started before the credentials were set) get object-storage settings here.
+    env = storage.credential_env()
+    runtime_env = {"env_vars": env} if env else None
+    if runtime_env:
+        decode_remote["runtime_env"] = runtime_env
     if plan.mode == "shards":
         ds = ray.data.from_arrow(units, override_num_blocks=max(1, min(len(units), 4096)))
         ds = ds.map_batches(read_and_decode_shards, batch_size=1, batch_format="numpy",
@@ -880,6 +888,7 @@ def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], prep
         concurrency=cfg.concurrency,
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus or None,
+        runtime_env=runtime_env,
     )
 
 
@@ -902,7 +911,7 @@ class _ChunkWriter:
             c = int(c)
             if c not in self.expected:
                 raise RuntimeError(f"inference produced rows for chunk {c}, which was not scheduled")
-            part = table.filter(pa.compute.equal(table.column(CHUNK_COLUMN), c))
+            part = table.filter(pc.equal(table.column(CHUNK_COLUMN), c))
             self.buffers[c].append(part)
             self.received[c] += len(part)
             if self.received[c] > self.expected[c]:

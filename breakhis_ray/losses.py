@@ -168,3 +168,81 @@ def create_loss(
 
 
 __all__ = ["FocalLoss", "LOSS_NAMES", "create_loss", "focal_loss", "inverse_frequency_weights"]
+
+
+# ------------------------------------------------------------------------------------ segmentation losses
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """Soft Dice loss ``1 - (2 sum(p t) + smooth) / (sum(p) + sum(t) + smooth)`` per image, ``p = sigmoid(logits)``.
+
+    ``logits`` and ``target`` (0/1) share a shape ``(N, ...)``, e.g. ``(N, 1, H, W)``; each image is scored on
+    its own, so an image with few nuclei counts as much as a crowded one. ``smooth`` keeps an empty target
+    with an empty prediction at loss 0. Computed in float32 (or wider).
+    """
+    if logits.shape != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have the same shape")
+    if logits.ndim < 2:
+        raise ValueError(f"dice_loss needs a batch dimension, got shape {tuple(logits.shape)}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    compute = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    prob = torch.sigmoid(compute).flatten(1)
+    truth = target.to(prob.dtype).flatten(1)
+    inter = (prob * truth).sum(1)
+    loss = 1.0 - (2.0 * inter + smooth) / (prob.sum(1) + truth.sum(1) + smooth)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def binary_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Per-pixel sigmoid focal loss (mean), as :func:`focal_loss` over the two logits ``(0, z)``.
+
+    ``softmax((0, z))[1] == sigmoid(z)``, so ``gamma = 0`` is exactly binary cross-entropy with logits.
+    """
+    z = (logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits).reshape(-1, 1)
+    two_class = torch.cat([torch.zeros_like(z), z], dim=1)
+    return focal_loss(two_class, target.reshape(-1).long(), gamma=gamma)
+
+
+class DiceBCELoss(nn.Module):
+    """``dice_weight * dice_loss + bce_weight * pixel loss`` for binary (nuclei) segmentation logits.
+
+    The pixel loss is binary cross-entropy, or the sigmoid focal loss when ``gamma > 0``
+    (:func:`binary_focal_loss`). ``target`` holds 0/1 with the logits' shape. Arguments are validated when the
+    module is built (``ConfigError``).
+    """
+
+    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, gamma: float = 0.0, smooth: float = 1.0):
+        super().__init__()
+        try:
+            dice_weight, bce_weight, gamma, smooth = (float(v) for v in (dice_weight, bce_weight, gamma, smooth))
+        except (TypeError, ValueError):
+            raise ConfigError("dice/bce weights, gamma and smooth must be numbers") from None
+        if min(dice_weight, bce_weight) < 0 or dice_weight + bce_weight <= 0:
+            raise ConfigError(f"dice_weight and bce_weight must be >= 0 and not both 0, got {dice_weight}, {bce_weight}")
+        if not math.isfinite(gamma) or gamma < 0:
+            raise ConfigError(f"focal gamma must be a number >= 0, got {gamma}")
+        if smooth < 0:
+            raise ConfigError(f"dice smooth must be >= 0, got {smooth}")
+        self.dice_weight, self.bce_weight, self.gamma, self.smooth = dice_weight, bce_weight, gamma, smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.to(logits.dtype if logits.is_floating_point() else torch.float32)
+        loss = logits.new_zeros((), dtype=torch.float32)
+        if self.dice_weight:
+            loss = loss + self.dice_weight * dice_loss(logits, target, smooth=self.smooth)
+        if self.bce_weight:
+            if self.gamma > 0:
+                pixel = binary_focal_loss(logits, target, gamma=self.gamma)
+            else:
+                pixel = F.binary_cross_entropy_with_logits(logits.float(), target.float())
+            loss = loss + self.bce_weight * pixel
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"dice_weight={self.dice_weight}, bce_weight={self.bce_weight}, gamma={self.gamma}, smooth={self.smooth}"
+
+
+__all__ += ["DiceBCELoss", "binary_focal_loss", "dice_loss"]

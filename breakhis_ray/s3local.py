@@ -263,15 +263,21 @@ class LocalS3Server:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if proc is not None:
+            # weed puts its gRPC unix sockets in the temp dir, named by our ports; remove any it left behind
+            for name, port in self.ports.items():
+                sock = Path(tempfile.gettempdir()) / f"seaweedfs-{name}-grpc-{port + _GRPC_OFFSET}.sock"
+                try:
+                    if sock.is_socket():
+                        sock.unlink()
+                except OSError:
+                    pass
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
         self.s3_port = None
         self.ports = {}
-        try:
-            atexit.unregister(self.stop)
-        except Exception:  # pragma: no cover - interpreter shutting down
-            pass
+        atexit.unregister(self.stop)
 
     def __enter__(self) -> "LocalS3Server":
         return self.start()

@@ -7,19 +7,24 @@ worker runs `train_loop_per_worker`, which re-validates the dumped config, resto
 
 from __future__ import annotations
 
-import json
-import os
-import random
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from breakhis_ray import storage
 from breakhis_ray.config import TrainConfig, config_yaml, dump_config, validate_config
-from breakhis_ray.errors import BreakhisError
+from breakhis_ray.train_common import (
+    all_reduce_sums,
+    fit,
+    is_improvement,
+    make_trainer,
+    maybe_inject_failure,
+    quiet_data_progress,
+    report_epoch,
+    restore,
+    rng_state,
+    seed_everything,
+    summarise,
+)
 
 LABELS = ["benign", "malignant"]
 
@@ -164,19 +169,6 @@ def evaluate(model, batches, loss_fn, device, *, amp: bool) -> dict[str, float]:
     return stats
 
 
-def _all_reduce(stats: dict[str, float], device) -> dict[str, float]:
-    """Sum statistics over all ranks so every rank sees the same epoch metrics (and stops together)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return stats
-    keys = sorted(stats)
-    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
-
-
 def epoch_metrics(train: dict, val: dict, world_size: int) -> dict[str, float]:
     tp, tn, fp, fn = val["tp"], val["tn"], val["fp"], val["fn"]
     n_val = max(1.0, val["seen"])
@@ -195,44 +187,12 @@ def epoch_metrics(train: dict, val: dict, world_size: int) -> dict[str, float]:
     }
 
 
-# -------------------------------------------------------------------------------- fault injection
-def _maybe_inject_failure(cfg: TrainConfig, epoch: int, rank: int) -> None:
-    """Chaos testing hook: fail once at ``run.inject_failure.epoch`` (a marker in storage stops repeats)."""
-    spec = cfg.run.inject_failure
-    if spec is None or spec.epoch != epoch or spec.rank != rank:
-        return
-    marker = storage.join(cfg.run.storage_path, cfg.run.name, f".injected-failure-epoch{epoch}")
-    if storage.exists(marker):
-        return
-    storage.write_text(marker, "injected\n")
-    if spec.mode == "kill":
-        os._exit(1)
-    raise RuntimeError(f"injected failure at epoch {epoch} on rank {rank}")
-
-
-# ------------------------------------------------------------------------------------ worker loop
-def _rng_state() -> dict:
-    import torch
-
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    import torch
-
-    py = state["python"]
-    random.setstate((int(py[0]), tuple(int(v) for v in py[1]), py[2]))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(gauss)))
-    torch.set_rng_state(state["torch"])
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
 
-    from breakhis_ray.checkpoint import load_state_dict, load_train_state, save_checkpoint, unwrap_model
+    from breakhis_ray.checkpoint import save_checkpoint
     from breakhis_ray.data.pipeline import iter_train_batches
     from breakhis_ray.losses import create_loss
     from breakhis_ray.models import set_backbone_trainable
@@ -241,9 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.train.seed + rank)
-    np.random.seed(cfg.train.seed + rank)
-    random.seed(cfg.train.seed + rank)
+    seed_everything(cfg.train.seed + rank)
     device = ray.train.torch.get_device()
     amp = cfg.train.amp and device.type == "cuda"
 
@@ -257,25 +215,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_fn = create_loss(cfg.loss.name, class_counts=cfg.loss.class_counts, alpha=cfg.loss.alpha,
                           gamma=cfg.loss.gamma, label_smoothing=cfg.loss.label_smoothing).to(device)
 
-    start_epoch, history, best, stale = 0, [], None, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            unwrap_model(model).load_state_dict(load_state_dict(ckpt_dir, map_location=device))
-            state = load_train_state(ckpt_dir, map_location=device)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"], state.get("history", [])
-        best, stale = state.get("best"), state.get("stale", 0)
-        if "rng" in state:
-            _set_rng_state(state["rng"])
-        if rank == 0:
-            print(f"[train] resumed from checkpoint at epoch {start_epoch}/{cfg.train.epochs}", flush=True)
+    state = restore(ray.train.get_checkpoint(), model, optimizer, scheduler, device) or {}
+    start_epoch, history = state.get("epoch", 0), state.get("history", [])
+    best, stale = state.get("best"), state.get("stale", 0)
+    if state and rank == 0:
+        print(f"[train] resumed from checkpoint at epoch {start_epoch}/{cfg.train.epochs}", flush=True)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, cfg.train.epochs):
-        _maybe_inject_failure(cfg, epoch, rank)
+        maybe_inject_failure(cfg.run, epoch, rank)
         frozen = _backbone_frozen(frozen_epochs, epoch)
         set_backbone_trainable(model, not frozen)
         train_stats = train_one_epoch(
@@ -286,12 +235,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                        in_channels=cfg.model.in_channels),
                              loss_fn, device, amp=amp)
         scheduler.step()
-        metrics = epoch_metrics(_all_reduce(train_stats, device), _all_reduce(val_stats, device), world)
+        metrics = epoch_metrics(all_reduce_sums(train_stats, device), all_reduce_sums(val_stats, device), world)
         metrics.update(epoch=epoch + 1, backbone_frozen=frozen, lr=optimizer.param_groups[-1]["lr"])
         history.append(metrics)
         score = metrics[cfg.run.checkpoint_metric]
-        improved = best is None or (score > best if cfg.run.checkpoint_mode == "max" else score < best)
-        best, stale = (score, 0) if improved else (best, stale + 1)
+        best, stale = (score, 0) if is_improvement(score, best, cfg.run.checkpoint_mode) else (best, stale + 1)
         stop = cfg.train.early_stopping_patience is not None and stale >= cfg.train.early_stopping_patience
         metrics["early_stopped"] = stop
         if rank == 0:
@@ -300,17 +248,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   f"val_acc={metrics['val_accuracy']:.3f} val_bal_acc={metrics['val_balanced_accuracy']:.3f} "
                   f"{metrics['train_images_per_s']:.1f} img/s{' (backbone frozen)' if frozen else ''}",
                   flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_checkpoint(
-                    tmp, model, model_args=model_args, labels=LABELS, preprocessing=spec.to_dict(),
-                    config=dump_config(cfg),
-                    extra_state={"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                                 "history": history, "best": best, "stale": stale})
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+        train_state = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "rng": rng_state(), "history": history, "best": best, "stale": stale}
+        report_epoch(metrics, rank, lambda d, ts=train_state: save_checkpoint(
+            d, model, model_args=model_args, labels=LABELS, preprocessing=spec.to_dict(),
+            config=dump_config(cfg), extra_state=ts, metrics=metrics))
         if stop:
             if rank == 0:
                 print(f"[train] early stopping: no {cfg.run.checkpoint_metric} improvement for {stale} epochs",
@@ -326,51 +268,13 @@ def _class_counts(datasets) -> list[int]:
     return [int(counts.get(i, 0)) for i in range(len(LABELS))]
 
 
-def build_trainer(cfg: TrainConfig, datasets: dict):
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = cfg.scaling.gpus_per_worker
-    fs, path = storage.resolve(cfg.run.storage_path)
-    run_config = ray.train.RunConfig(
-        name=cfg.run.name,
-        storage_path=path,
-        storage_filesystem=fs,
-        failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(
-            num_to_keep=cfg.run.keep_checkpoints,
-            checkpoint_score_attribute=cfg.run.checkpoint_metric,
-            checkpoint_score_order=cfg.run.checkpoint_mode,
-        ),
-        worker_runtime_env={"env_vars": storage.credential_env()} or None,
-    )
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=dump_config(cfg),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources,
-        ),
-        torch_config=TorchConfig(backend=cfg.scaling.backend or ("nccl" if cfg.scaling.use_gpu else "gloo")),
-        run_config=run_config,
-        datasets={"train": datasets["train"], "val": datasets["val"]},
-    )
-
-
-def _checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
-    """Storage URI (same scheme as ``run.storage_path``) of a Ray checkpoint."""
-    return f"s3://{checkpoint.path}" if storage.is_s3(cfg.run.storage_path) else checkpoint.path
-
-
 def run_train(cfg: TrainConfig) -> dict:
     """Train one classifier; returns a summary with the best and latest checkpoint URIs."""
-    import ray.train
-
     from breakhis_ray.data.pipeline import build_datasets
     from breakhis_ray.ray_utils import ensure_ray
 
     ensure_ray(cfg.ray)
+    quiet_data_progress(cfg.run.data_progress_bars)
     pretrained, _, augment = strategy_plan(cfg)
     if STRATEGIES[cfg.train.strategy][0] and not pretrained:
         print(f"[train] strategy {cfg.train.strategy!r} without model.weights: the backbone starts from random "
@@ -383,34 +287,6 @@ def run_train(cfg: TrainConfig) -> dict:
     storage.write_text(storage.join(run_dir, "config.yaml"), config_yaml(cfg))
     print(f"[train] {cfg.model.name} strategy={cfg.train.strategy} loss={cfg.loss.name} "
           f"workers={cfg.scaling.num_workers} gpu={cfg.scaling.use_gpu} -> {run_dir}", flush=True)
-    try:
-        result = build_trainer(cfg, datasets).fit()
-    except ray.train.TrainingFailedError as exc:
-        raise BreakhisError(f"training run {run_dir} failed: {str(exc).splitlines()[0]}") from exc
-    return _summarise(cfg, result, run_dir)
-
-
-def _summarise(cfg: TrainConfig, result, run_dir: str) -> dict:
-    best = result.get_best_checkpoint(cfg.run.checkpoint_metric, cfg.run.checkpoint_mode) \
-        if result.best_checkpoints else None
-    history = [m for _, m in sorted(result.best_checkpoints, key=lambda cm: cm[1].get("epoch", 0))]
-    latest = result.checkpoint
-    summary = {
-        "run_dir": run_dir,
-        "best_checkpoint": _checkpoint_uri(cfg, best) if best else None,
-        "latest_checkpoint": _checkpoint_uri(cfg, latest) if latest else None,
-        "metric": cfg.run.checkpoint_metric,
-        "final_metrics": result.metrics,
-        "best_metrics": next((m for c, m in result.best_checkpoints if best and c.path == best.path), None),
-        "kept_checkpoints": history,
-    }
-    storage.write_text(storage.join(run_dir, "result.json"), json.dumps(summary, indent=2, default=str))
-    if summary["best_checkpoint"]:
-        print(f"[train] best checkpoint ({cfg.run.checkpoint_metric}="
-              f"{(summary['best_metrics'] or {}).get(cfg.run.checkpoint_metric)}): {summary['best_checkpoint']}",
-              flush=True)
-    return summary
-
-
-def write_local_summary(summary: dict, out: str | Path) -> None:
-    Path(out).write_text(json.dumps(summary, indent=2, default=str))
+    trainer = make_trainer(train_loop_per_worker, cfg, cfg.scaling, cfg.run,
+                           {"train": datasets["train"], "val": datasets["val"]})
+    return summarise(cfg.run, fit(trainer, run_dir), run_dir, "train")

@@ -4,7 +4,7 @@ Per split (``train`` / ``val`` / ``test`` of the fold the shards were prepared f
 
     read_parquet(<shards>/shards, only the needed columns)     projection pushed into the scan
       -> filter split, magnifications[, offline-augmented]    predicate pushed into the scan
-      -> map_batches(DecodeBatch)                              deterministic: decode, resize, stain-normalize
+      -> repartition(decode_batch_size) -> map_batches(DecodeBatch)   deterministic: decode, resize, stain-norm
       -> repartition(block_rows)                               train, shuffle="blocks": small blocks
       -> materialize()                                         train and val: decoded once, cached
       -> randomize_block_order / random_shuffle                train: a new order every epoch
@@ -115,12 +115,15 @@ def shard_columns(cfg: DataConfig) -> list[str]:
     return names
 
 
-def read_split(cfg: DataConfig, split: str, keep: Sequence[str] = (), columns: Sequence[str] | None = None):
-    """Lazy dataset of one split's shard rows: only the needed columns, filters pushed into the scan."""
+def read_split(
+    cfg: DataConfig, split: str | None, keep: Sequence[str] = (), columns: Sequence[str] | None = None
+):
+    """Lazy dataset of one split's shard rows (``None``: every split, originals only): only the needed
+    columns, filters pushed into the scan. ``columns``: the shard's column names if already known."""
     import ray.data
     from ray.data.expressions import col, lit
 
-    if split not in SPLITS:
+    if split is not None and split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
     names = list(columns) if columns is not None else shard_columns(cfg)
     has_aug = "augmentation" in names
@@ -130,15 +133,26 @@ def read_split(cfg: DataConfig, split: str, keep: Sequence[str] = (), columns: S
     if cfg.read_num_cpus is not None:
         read_args["num_cpus"] = cfg.read_num_cpus
     ds = ray.data.read_parquet(path, filesystem=fs, columns=wanted, **read_args)
-    predicate = col("split") == lit(split)
+    predicates = [] if split is None else [col("split") == lit(split)]
     if cfg.magnifications != "all":
-        predicate = predicate & col("magnification").is_in(list(cfg.magnifications))
+        predicates.append(col("magnification").is_in(list(cfg.magnifications)))
     if has_aug and (split != "train" or not cfg.include_augmented):
-        predicate = predicate & col("augmentation").is_null()
+        predicates.append(col("augmentation").is_null())
+    if not predicates:
+        return ds
+    predicate = predicates[0]
+    for more in predicates[1:]:
+        predicate = predicate & more
     return ds.filter(expr=predicate)
 
 
-def _decode(cfg: DataConfig, ds, spec: PreprocessSpec, keep: Sequence[str], with_key: bool):
+def decode_stage(cfg: DataConfig, ds, spec: PreprocessSpec, keep: Sequence[str] = (), with_key: bool = False):
+    """The deterministic ``map_batches(DecodeBatch)`` stage on rows from :func:`read_split`.
+
+    Shard files are read one task each (~1k images); a streaming repartition into blocks of
+    ``decode_batch_size`` rows first lets every core decode, however few files there are.
+    """
+    ds = ds.repartition(target_num_rows_per_block=cfg.decode_batch_size)
     return ds.map_batches(
         DecodeBatch(spec.to_dict(), keep=keep, with_key=with_key),
         batch_size=cfg.decode_batch_size,
@@ -163,7 +177,7 @@ def build_datasets(cfg: DataConfig, spec: PreprocessSpec | None = None) -> dict[
     names = shard_columns(cfg)
     keep = list(cfg.eval_columns)
 
-    train = _decode(cfg, read_split(cfg, "train", columns=names), spec, keep=(), with_key=True)
+    train = decode_stage(cfg, read_split(cfg, "train", columns=names), spec, keep=(), with_key=True)
     if cfg.shuffle == "blocks":  # small blocks, so a new block order is a real reshuffle
         train = train.repartition(target_num_rows_per_block=cfg.block_rows)
     if cfg.materialize:
@@ -185,10 +199,10 @@ def build_datasets(cfg: DataConfig, spec: PreprocessSpec | None = None) -> dict[
     if train is not base:
         _BASES[train] = base
 
-    val = _decode(cfg, read_split(cfg, "val", keep=keep, columns=names), spec, keep=keep, with_key=False)
+    val = decode_stage(cfg, read_split(cfg, "val", keep=keep, columns=names), spec, keep=keep, with_key=False)
     if cfg.materialize:
         val = val.materialize()
-    test = _decode(cfg, read_split(cfg, "test", keep=keep, columns=names), spec, keep=keep, with_key=False)
+    test = decode_stage(cfg, read_split(cfg, "test", keep=keep, columns=names), spec, keep=keep, with_key=False)
     return {"train": train, "val": val, "test": test}
 
 

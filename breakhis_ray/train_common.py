@@ -1,0 +1,194 @@
+"""Ray Train machinery shared by the classifier and the U-Net trainers.
+
+Trainer construction from the typed config sections, cross-rank metric sums, RNG state capture for exact
+resume, checkpoint restore, the chaos-testing failure hook and the run summary written after ``fit()``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Any, Callable
+
+import numpy as np
+
+from breakhis_ray import storage
+from breakhis_ray.config import RunSection, ScalingSection, StrictModel, dump_config
+from breakhis_ray.errors import BreakhisError
+
+
+# ------------------------------------------------------------------------------------ worker side
+def all_reduce_sums(stats: dict[str, float], device) -> dict[str, float]:
+    """Sum statistics over all ranks so every rank sees the same epoch metrics (and stops together)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return stats
+    keys = sorted(stats)
+    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def rng_state() -> dict:
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
+
+
+def restore(checkpoint, model, optimizer, scheduler, device) -> dict | None:
+    """Load weights, optimiser, scheduler and RNG state from a Ray checkpoint; return the train state."""
+    from breakhis_ray.checkpoint import load_state_dict, load_train_state, unwrap_model
+
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as ckpt_dir:
+        unwrap_model(model).load_state_dict(load_state_dict(ckpt_dir, map_location=device))
+        state = load_train_state(ckpt_dir, map_location=device)
+    if state is None:
+        raise BreakhisError(f"checkpoint {checkpoint.path} has no train_state.pt: cannot resume from it")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if "rng" in state:
+        set_rng_state(state["rng"])
+    return state
+
+
+def maybe_inject_failure(run: RunSection, epoch: int, rank: int) -> None:
+    """Chaos testing hook: fail once at ``run.inject_failure.epoch`` (a marker in storage stops repeats)."""
+    spec = run.inject_failure
+    if spec is None or spec.epoch != epoch or spec.rank != rank:
+        return
+    marker = storage.join(run.storage_path, run.name, f".injected-failure-epoch{epoch}")
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, "injected\n")
+    if spec.mode == "kill":
+        os._exit(1)
+    raise RuntimeError(f"injected failure at epoch {epoch} on rank {rank}")
+
+
+def is_improvement(score: float, best: float | None, mode: str) -> bool:
+    return best is None or (score > best if mode == "max" else score < best)
+
+
+def report_epoch(metrics: dict, rank: int, save: Callable[[str], Any]) -> None:
+    """Every rank reports once per epoch; rank 0 attaches a checkpoint written by ``save(directory)``."""
+    import tempfile
+
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            save(tmp)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+# ------------------------------------------------------------------------------------ driver side
+def make_trainer(loop: Callable[[dict], None], cfg: StrictModel, scaling: ScalingSection, run: RunSection,
+                 datasets: dict):
+    """A ``TorchTrainer`` whose workers receive ``dump_config(cfg)``; storage may be local or ``s3://``."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    fs, path = storage.resolve(run.storage_path)
+    env = storage.credential_env()
+    run_config = ray.train.RunConfig(
+        name=run.name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=run.keep_checkpoints,
+            checkpoint_score_attribute=run.checkpoint_metric,
+            checkpoint_score_order=run.checkpoint_mode,
+        ),
+        worker_runtime_env={"env_vars": env} if env else None,
+        logging_config=ray.train.LoggingConfig(log_level=run.log_level),
+    )
+    return TorchTrainer(
+        loop,
+        train_loop_config=dump_config(cfg),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
+        ),
+        torch_config=TorchConfig(backend=scaling.backend or ("nccl" if scaling.use_gpu else "gloo")),
+        run_config=run_config,
+        datasets=datasets,
+    )
+
+
+def quiet_data_progress(enabled: bool) -> None:
+    """Ray Data's per-operator bars are noise inside a training log of per-epoch lines."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = enabled
+    ctx.enable_operator_progress_bars = enabled
+
+
+def fit(trainer, run_dir: str):
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BreakhisError(f"training run {run_dir} failed: {first}") from exc
+
+
+def checkpoint_uri(storage_path: str, checkpoint) -> str:
+    """Storage URI (same scheme as ``storage_path``) of a Ray checkpoint."""
+    return f"s3://{checkpoint.path}" if storage.is_s3(storage_path) else checkpoint.path
+
+
+def summarise(run: RunSection, result, run_dir: str, tag: str) -> dict:
+    """Write ``<run_dir>/result.json`` and ``history.json``; return the summary (best/latest checkpoints)."""
+    from breakhis_ray.checkpoint import load_train_state
+
+    best = result.get_best_checkpoint(run.checkpoint_metric, run.checkpoint_mode) if result.best_checkpoints else None
+    latest = result.checkpoint
+    history: list = []
+    if latest is not None:
+        state = load_train_state(checkpoint_uri(run.storage_path, latest)) or {}
+        history = state.get("history", [])
+    summary = {
+        "run_dir": run_dir,
+        "best_checkpoint": checkpoint_uri(run.storage_path, best) if best else None,
+        "latest_checkpoint": checkpoint_uri(run.storage_path, latest) if latest else None,
+        "metric": run.checkpoint_metric,
+        "best_metrics": next((m for c, m in result.best_checkpoints if best and c.path == best.path), None),
+        "final_metrics": result.metrics,
+        "epochs_completed": len(history),
+    }
+    storage.write_text(storage.join(run_dir, "result.json"), json.dumps(summary, indent=2, default=str))
+    storage.write_text(storage.join(run_dir, "history.json"), json.dumps(history, indent=2, default=float))
+    if summary["best_checkpoint"]:
+        score = (summary["best_metrics"] or {}).get(run.checkpoint_metric)
+        print(f"[{tag}] best checkpoint ({run.checkpoint_metric}={score}): {summary['best_checkpoint']}", flush=True)
+    return summary

@@ -1,0 +1,215 @@
+"""evaluate: predictions joined with the manifest, BreakHis metrics per magnification, errors counted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from breakhis_ray import cli
+from breakhis_ray.config import EvaluateConfig, load_config
+from breakhis_ray.data.manifest import COLUMNS, write_parquet
+from breakhis_ray.data.splits import write_splits
+from breakhis_ray.errors import ConfigError, DataError, StorageError
+from breakhis_ray.evaluate import aggregate_folds, read_predictions, run_evaluate
+from breakhis_ray.metrics import compute_metrics
+
+ROOT = "/data/BreaKHis_v1/histology_slides/breast"
+# (class, subtype, code, patient folder slide, {magnification: images})
+PATIENTS = [
+    ("benign", "adenosis", "A", "14-22549AB", {40: 3, 100: 3}),
+    ("benign", "fibroadenoma", "F", "14-9133", {40: 2, 100: 1}),
+    ("malignant", "ductal_carcinoma", "DC", "14-2523", {40: 3, 100: 2, 200: 2}),
+    ("malignant", "lobular_carcinoma", "LC", "14-15570", {200: 1}),  # a patient with one image
+]  # nothing at 400X: an empty magnification; 200X holds malignant images only: one class
+
+
+def make_manifest(root: str = ROOT) -> pd.DataFrame:
+    rows = []
+    for label, subtype, code, slide, counts in PATIENTS:
+        letter = label[0].upper()
+        folder = f"SOB_{letter}_{code}_{slide}"
+        for mag, n in counts.items():
+            for seq in range(1, n + 1):
+                name = f"SOB_{letter}_{code}-{slide}-{mag}-{seq:03d}.png"
+                rows.append({"path": f"{root}/{label}/SOB/{subtype}/{folder}/{mag}X/{name}", "filename": name,
+                             "label": label, "label_id": int(label == "malignant"), "subtype": subtype,
+                             "subtype_code": code, "patient_id": folder, "slide_id": slide.rstrip("ABCDG"),
+                             "magnification": mag, "seq": seq, "width": 700, "height": 460})
+    df = pd.DataFrame(rows)
+    return df.astype({k: v for k, v in COLUMNS.items() if v is not str})
+
+
+def make_predictions(manifest: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Predictions for all manifest rows but one, two error rows, one extra path, one wrong file label."""
+    rng = np.random.default_rng(seed)
+    rows = manifest.iloc[1:].copy()  # manifest row 0 has no prediction
+    prob = np.clip(0.3 + 0.45 * rows["label_id"].to_numpy() + rng.uniform(-0.35, 0.35, len(rows)), 0, 1)
+    pred = pd.DataFrame({
+        "path": rows["path"].to_numpy(),
+        "status": "ok",
+        "error": None,
+        "prob_malignant": prob.astype(np.float32),
+        "pred_label": np.where(prob >= 0.5, "malignant", "benign"),
+        "patient_id": rows["patient_id"].to_numpy(),
+        "magnification": rows["magnification"].to_numpy(),
+        "label": rows["label"].to_numpy(),
+    })
+    pred.loc[2, ["status", "error", "prob_malignant", "pred_label"]] = ["error", "decode_error: truncated", None,
+                                                                         None]
+    pred.loc[9, ["status", "error", "prob_malignant", "pred_label"]] = ["error", "read_error: gone", None, None]
+    pred.loc[4, "label"] = "malignant" if pred.loc[4, "label"] == "benign" else "benign"  # manifest wins
+    extra = pred.iloc[[0]].copy()
+    extra["path"] = "/elsewhere/not_in_manifest.png"
+    return pd.concat([pred, extra], ignore_index=True)
+
+
+def write_table(df: pd.DataFrame, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path)
+    return str(path)
+
+
+@pytest.fixture()
+def case(tmp_path):
+    manifest = make_manifest()
+    manifest_uri = str(tmp_path / "manifest.parquet")
+    write_parquet(manifest, manifest_uri)
+    pred = make_predictions(manifest)
+    # as `infer` writes them: a directory of parts (plus a _plan.json that is not a part)
+    write_table(pred.iloc[:10], tmp_path / "pred" / "predictions" / "part-00000.parquet")
+    write_table(pred.iloc[10:], tmp_path / "pred" / "predictions" / "part-00001.parquet")
+    (tmp_path / "pred" / "predictions" / "_plan.json").write_text("{}")
+    return tmp_path, manifest, manifest_uri, pred
+
+
+def expected_metrics(manifest: pd.DataFrame, pred: pd.DataFrame, mask=None) -> dict:
+    joined = pred.merge(manifest[["path", "label_id", "patient_id", "magnification"]], on="path",
+                        suffixes=("_p", ""))
+    joined = joined[joined["status"] == "ok"]
+    if mask is not None:
+        joined = joined[mask(joined)]
+    return compute_metrics(joined["label_id"].to_numpy(), joined["prob_malignant"].to_numpy(dtype=float),
+                           joined["patient_id"].to_numpy())
+
+
+def test_evaluate_values_counts_and_errors(case, capsys):
+    tmp, manifest, manifest_uri, pred = case
+    out = str(tmp / "metrics.json")
+    cfg = load_config(EvaluateConfig, values={"predictions": str(tmp / "pred"), "manifest": manifest_uri,
+                                              "out": out})
+    result = run_evaluate(cfg)
+    saved = json.loads(Path(out).read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert Path(out + ".config.yaml").is_file()
+
+    overall = saved["overall"]
+    for key in ("accuracy", "precision", "recall", "f1", "roc_auc", "confusion_matrix", "image_recognition_rate",
+                "patient_recognition_rate", "patient_accuracy", "n_images", "n_patients"):
+        assert key in overall
+    want = expected_metrics(manifest, pred)
+    for key, value in want.items():
+        assert overall[key] == (value if key == "confusion_matrix" else pytest.approx(value)), key
+    assert overall["n_images"] == len(pred) - 1 - 2  # minus the extra path and the two errors
+    assert sum(map(sum, overall["confusion_matrix"])) == overall["n_images"]
+
+    assert saved["n_errors"] == 2 and overall["n_errors"] == 2
+    assert saved["error_policy"] == "excluded_from_denominators"
+    assert saved["errors_by_kind"] == {"decode_error": 1, "read_error": 1}
+    assert saved["counts"]["not_in_manifest"] == 1
+    assert saved["counts"]["without_prediction"] == 1
+    assert saved["counts"]["label_disagreements"] == 1
+    assert saved["positive_class"] == "malignant" and saved["protocol"] is None
+
+    per_mag = saved["per_magnification"]
+    assert set(per_mag) == {"40", "100", "200", "400"}
+    for mag in (40, 100, 200):
+        want = expected_metrics(manifest, pred, lambda d, m=mag: d["magnification"] == m)
+        for key in ("accuracy", "f1", "patient_recognition_rate", "patient_accuracy", "n_images", "n_patients"):
+            assert per_mag[str(mag)][key] == pytest.approx(want[key]), (mag, key)
+    assert per_mag["400"]["n_images"] == 0 and per_mag["400"]["accuracy"] is None
+    assert per_mag["200"]["roc_auc"] is None  # malignant only
+    assert per_mag["200"]["n_patients"] == 2  # including the one-image patient
+
+    sub = saved["per_subtype"]
+    assert sub["lobular_carcinoma"]["n_images"] == 1 and sub["lobular_carcinoma"]["label"] == "malignant"
+    ok = pred[pred["status"] == "ok"].merge(manifest[["path", "subtype", "label_id"]], on="path")
+    dc = ok[ok["subtype"] == "ductal_carcinoma"]
+    assert sub["ductal_carcinoma"]["recall"] == pytest.approx(np.mean(dc["prob_malignant"] >= 0.5))
+
+    printed = capsys.readouterr().out
+    assert "2 prediction(s) in error excluded from the metric denominators" in printed
+    assert "overall" in printed and "400X" in printed
+
+
+def test_evaluate_with_splits_and_several_folds(case):
+    tmp, manifest, manifest_uri, pred = case
+    paths = manifest["path"]
+    folder = manifest["patient_id"]
+    test_1 = folder.isin(["SOB_B_A_14-22549AB", "SOB_M_DC_14-2523"])
+    splits = pd.concat([
+        pd.DataFrame({"path": paths, "fold": 1, "split": np.where(test_1, "test", "train")}),
+        pd.DataFrame({"path": paths, "fold": 2, "split": np.where(test_1, "train", "test")}),
+    ], ignore_index=True)
+    splits.attrs.update(protocol="patient", patient_key="folder", dc_lc_policy="keep")
+    splits_uri = str(tmp / "splits.parquet")
+    write_splits(splits, splits_uri)
+    second = write_table(make_predictions(manifest, seed=1), tmp / "pred2.parquet")
+    out = str(tmp / "folds.json")
+    cfg = load_config(EvaluateConfig, overrides=[f"predictions=[{tmp / 'pred'}, {second}]", f"splits={splits_uri}"],
+                      values={"manifest": manifest_uri, "out": out})
+    result = run_evaluate(cfg)
+    assert result["protocol"] == "patient" and result["n_folds"] == 2
+    assert [f["fold"] for f in result["folds"]] == [1, 2]
+    f1_counts = result["folds"][0]["counts"]
+    assert f1_counts["outside_split"] > 0 and f1_counts["evaluation_set_size"] == int(test_1.sum())
+    accs = [f["overall"]["accuracy"] for f in result["folds"]]
+    assert result["overall"]["accuracy"] == pytest.approx(np.mean(accs))
+    assert result["mean_std"]["overall"]["accuracy"]["std"] == pytest.approx(np.std(accs))
+    assert result["overall"]["n_images"] == sum(f["overall"]["n_images"] for f in result["folds"])
+    assert result["n_errors"] == sum(f["n_errors"] for f in result["folds"])
+
+    with pytest.raises(ConfigError, match="one per prediction set"):
+        run_evaluate(cfg.model_copy(update={"predictions": [str(tmp / "pred")]}))
+    with pytest.raises(ConfigError, match="fold needs splits"):
+        run_evaluate(cfg.model_copy(update={"splits": None, "fold": [1, 2]}))
+
+
+def test_aggregate_folds_plain_and_structured():
+    a = {"accuracy": 0.8, "confusion_matrix": [[1, 0], [0, 1]], "roc_auc": None}
+    b = {"accuracy": 0.9, "confusion_matrix": [[2, 0], [1, 1]], "roc_auc": 0.5}
+    flat = aggregate_folds([a, b])
+    assert flat["accuracy"]["mean"] == pytest.approx(0.85) and flat["roc_auc"]["n"] == 1
+    nested = aggregate_folds([{"overall": a, "per_magnification": {"40": a}},
+                              {"overall": b, "per_magnification": {"40": b, "100": b}}])
+    assert nested["n_folds"] == 2
+    assert nested["per_magnification"]["100"]["accuracy"]["n"] == 1
+    assert nested["overall"]["confusion_matrix"]["mean"] == [[1.5, 0.0], [0.5, 1.0]]
+
+
+def test_read_predictions_rejects_bad_inputs(tmp_path):
+    with pytest.raises(StorageError, match="predictions not found"):
+        read_predictions(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no \\*.parquet"):
+        read_predictions(str(tmp_path / "empty"))
+    dup = write_table(pd.DataFrame({"path": ["a", "a"], "prob_malignant": [0.1, 0.2]}), tmp_path / "dup.parquet")
+    with pytest.raises(DataError, match="repeated path"):
+        read_predictions(dup)
+    derived = write_table(pd.DataFrame({"path": ["a", "b"], "prob_malignant": [0.1, None]}), tmp_path / "s.parquet")
+    assert read_predictions(derived)["status"].tolist() == ["ok", "error"]
+
+
+def test_cli_missing_predictions_is_one_line_exit_2(case, capsys):
+    tmp, _, manifest_uri, _ = case
+    code = cli.main(["evaluate", "--predictions", str(tmp / "nope.parquet"), "--manifest", manifest_uri,
+                     "--out", str(tmp / "m.json")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "nope.parquet" in err and len(err.splitlines()) == 1
+    assert not (tmp / "m.json").exists()

@@ -1,0 +1,380 @@
+"""Batch inference: one row per input (good and bad), resume after interruption, S3 in/out, parity with a
+plain loop, classical segmenter features, the pinned output schema.
+
+Tiny random models (``tiny_cnn`` at 32x32, U-Net resnet18 at 64x64) and a dozen small images keep this fast.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from breakhis_ray import storage
+from breakhis_ray.config import InferConfig, load_config
+from breakhis_ray.errors import ConfigError, DataError
+
+torch = pytest.importorskip("torch")
+Image = pytest.importorskip("PIL.Image")
+
+MAX_PIXELS = 120 * 120  # the "decompression bomb" below is bigger than this, the good images are smaller
+
+GOOD = {  # relative path -> expected status
+    "benign/SOB_B_A-14-22549AB-40-001.png": "ok",
+    "benign/SOB_B_F-14-14134-100-002.png": "ok",
+    "malignant/SOB_M_DC-14-13412-200-003.png": "ok",
+    "malignant/SOB_M_LC-14-12204-400-004.jpg": "ok",
+    "other/slide one.png": "ok",
+    "other/tile_7.tif": "ok",
+    "odd/grayscale.png": "ok",
+    "odd/rgba.png": "ok",
+    "odd/sixteen_bit.png": "ok",
+}
+BAD = {
+    "odd/truncated.png": "error",
+    "odd/zero_bytes.png": "error",
+    "odd/text_as.png": "error",
+    "odd/bomb.png": "error",
+}
+EXPECTED = {**GOOD, **BAD}
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+def _tissue(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Pink stroma with dark purple blobs (nuclei) so the segmenters find something."""
+    img = np.empty((height, width, 3), dtype=np.uint8)
+    img[:] = (235, 170, 200)
+    yy, xx = np.mgrid[:height, :width]
+    for _ in range(8):
+        cy, cx, r = rng.integers(0, height), rng.integers(0, width), rng.integers(3, 7)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = (70, 40, 130)
+    noise = rng.integers(-12, 13, size=img.shape)
+    return np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+def _encode(arr: np.ndarray | Image.Image, fmt: str = "PNG") -> bytes:
+    img = arr if isinstance(arr, Image.Image) else Image.fromarray(arr)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _write_tree(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for rel in GOOD:
+        if rel.startswith("odd/"):
+            continue
+        fmt = {"png": "PNG", "jpg": "JPEG", "tif": "TIFF"}[rel.rsplit(".", 1)[1]]
+        data = _encode(_tissue(rng, 60 + 4 * len(rel) % 30, 80), fmt)
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    odd = root / "odd"
+    odd.mkdir(parents=True, exist_ok=True)
+    tissue = _tissue(rng, 64, 96)
+    (odd / "grayscale.png").write_bytes(_encode(Image.fromarray(tissue).convert("L")))
+    rgba = np.dstack([tissue, np.full(tissue.shape[:2], 200, np.uint8)])
+    (odd / "rgba.png").write_bytes(_encode(Image.fromarray(rgba)))
+    wide = (tissue[..., 0].astype(np.uint16) * 257)
+    (odd / "sixteen_bit.png").write_bytes(_encode(Image.fromarray(wide)))
+    full = _encode(tissue)
+    (odd / "truncated.png").write_bytes(full[: len(full) // 2])
+    (odd / "zero_bytes.png").write_bytes(b"")
+    (odd / "text_as.png").write_bytes(b"this is not an image, only text\n" * 10)
+    (odd / "bomb.png").write_bytes(_encode(np.zeros((400, 300, 3), np.uint8)))  # 120k px > MAX_PIXELS
+    (root / "notes.txt").write_text("not an input: no image extension\n")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    from breakhis_ray.checkpoint import save_checkpoint
+    from breakhis_ray.models import create_model, create_unet
+
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    clf = create_model("tiny_cnn", num_classes=2, width=4)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so probabilities spread
+        for m in clf.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    save_checkpoint(str(root / "classifier"), clf, preprocessing={"size": [32, 32]})
+    unet = create_unet(encoder="resnet18", classes=1)
+    save_checkpoint(str(root / "unet"), unet, preprocessing={"size": [64, 64]})
+    return {"classifier": str(root / "classifier"), "unet": str(root / "unet")}
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    _write_tree(root)
+    return root
+
+
+def _cfg(inp: str, out: str, classifier: str, segmenter: str | None = None, **over) -> InferConfig:
+    values = {"input": inp, "out": out, "classifier": classifier, "segmenter": segmenter,
+              "max_pixels": MAX_PIXELS, "chunk_size": 4, "batch_size": 4, "decode_batch_size": 4,
+              "decode_num_cpus": 0.5, "num_cpus": 0.5, "concurrency": 1}
+    values.update(over)
+    return load_config(InferConfig, None, [], values)
+
+
+def _rel(table: pa.Table, root: str) -> dict[str, dict]:
+    root = root.rstrip("/") + "/"
+    out = {}
+    for row in table.to_pylist():
+        assert row["path"].startswith(root), row["path"]
+        out[row["path"][len(root):]] = {k: v for k, v in row.items()
+                                        if k not in ("run_id", "processed_at", "path", "mask_uri")}
+    return out
+
+
+# -------------------------------------------------------------------------------------------- unit
+def test_schema_is_pinned():
+    from breakhis_ray.inference import PREDICTION_SCHEMA
+
+    assert [(f.name, str(f.type)) for f in PREDICTION_SCHEMA] == [
+        ("path", "string"),
+        ("status", "string"),
+        ("error", "string"),
+        ("prob_malignant", "float"),
+        ("pred_label", "string"),
+        ("patient_id", "string"),
+        ("magnification", "int16"),
+        ("label", "string"),
+        ("image_height", "int32"),
+        ("image_width", "int32"),
+        ("nuclei_count", "int32"),
+        ("nuclear_area_fraction", "float"),
+        ("mean_nuclear_area_px", "float"),
+        ("std_nuclear_area_px", "float"),
+        ("mean_hematoxylin", "float"),
+        ("mask_uri", "string"),
+        ("classifier_checkpoint", "string"),
+        ("segmenter_checkpoint", "string"),
+        ("run_id", "string"),
+        ("processed_at", "timestamp[us, tz=UTC]"),
+    ]
+    assert not PREDICTION_SCHEMA.field("path").nullable and not PREDICTION_SCHEMA.field("status").nullable
+
+
+def test_header_check_rejects_before_decoding():
+    from breakhis_ray.inference import check_header
+
+    assert check_header(_encode(np.zeros((30, 40, 3), np.uint8)), max_pixels=1200) == (30, 40)
+    with pytest.raises(DataError, match="too_large"):
+        check_header(_encode(np.zeros((30, 41, 3), np.uint8)), max_pixels=1200)
+    with pytest.raises(DataError, match="empty"):
+        check_header(b"", max_pixels=10)
+    with pytest.raises(DataError, match="not_an_image"):
+        check_header(b"hello", max_pixels=10)
+
+
+def test_plain_loop_matches_preprocess_bytes(checkpoints, tree):
+    """Predictor.from_checkpoint without Ray == the checkpoint's model on preprocess_bytes."""
+    from breakhis_ray.checkpoint import load_model
+    from breakhis_ray.data.transforms import PreprocessSpec, preprocess_bytes
+    from breakhis_ray.inference import PREDICTION_SCHEMA, Predictor
+
+    model, meta = load_model(checkpoints["classifier"])
+    spec = PreprocessSpec.from_dict(meta["preprocessing"])
+    predictor = Predictor.from_checkpoint(checkpoints["classifier"])
+    paths = sorted(str(tree / rel) for rel in GOOD)
+    got = predictor.predict_uris(paths)
+    assert got.schema.equals(PREDICTION_SCHEMA)
+    assert got.column("status").to_pylist() == ["ok"] * len(paths)
+    with torch.no_grad():
+        x = torch.from_numpy(preprocess_bytes([Path(p).read_bytes() for p in paths], spec))
+        want = torch.softmax(model(x), dim=1)[:, 1].numpy()
+    np.testing.assert_allclose(got.column("prob_malignant").to_numpy(), want, atol=1e-5)
+    assert got.column("nuclei_count").null_count == len(paths)  # no segmenter: features are null
+
+
+def test_config_rejects_typos():
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(InferConfig, None, ["batchsize=4"], {"input": "a", "out": "b", "classifier": "c"})
+
+
+# ------------------------------------------------------------------------------------------ ray tier
+@pytest.fixture(scope="module")
+def full_run(ray_session, checkpoints, tree, tmp_path_factory):
+    """One uninterrupted run with the U-Net: the reference for the resume test."""
+    from breakhis_ray.inference import read_predictions, run_infer
+
+    out = str(tmp_path_factory.mktemp("full") / "out")
+    summary = run_infer(_cfg(str(tree), out, checkpoints["classifier"], checkpoints["unet"], write_masks=True))
+    return out, summary, read_predictions(out)
+
+
+@pytest.mark.ray
+def test_one_row_per_input_with_statuses(full_run, tree, checkpoints):
+    from breakhis_ray.inference import PREDICTION_SCHEMA
+
+    out, summary, table = full_run
+    rows = _rel(table, str(tree))
+    assert {k: v["status"] for k, v in rows.items()} == EXPECTED
+    assert summary["total"] == len(EXPECTED) and summary["complete"]
+    assert summary["ok"] == len(GOOD) and summary["error"] == len(BAD) and summary["skipped_done"] == 0
+    assert table.num_rows == len(set(table.column("path").to_pylist()))
+    for rel, row in rows.items():
+        if row["status"] == "ok":
+            assert row["error"] is None and 0.0 <= row["prob_malignant"] <= 1.0
+            assert row["pred_label"] in ("benign", "malignant")
+            assert row["nuclei_count"] is not None and row["mean_hematoxylin"] is not None
+            assert row["image_height"] > 0 and row["image_width"] > 0
+        else:
+            assert row["error"] and row["prob_malignant"] is None and row["pred_label"] is None
+            assert row["nuclei_count"] is None
+        assert row["classifier_checkpoint"] == checkpoints["classifier"]
+        assert row["segmenter_checkpoint"] == checkpoints["unet"]
+    assert rows["odd/bomb.png"]["error"].startswith("too_large")
+    assert rows["odd/zero_bytes.png"]["error"].startswith("empty")
+    assert rows["odd/text_as.png"]["error"].startswith("not_an_image")
+    assert rows["odd/truncated.png"]["error"].startswith("decode_error")
+    b = rows["benign/SOB_B_A-14-22549AB-40-001.png"]
+    assert (b["patient_id"], b["magnification"], b["label"]) == ("SOB_B_A_14-22549AB", 40, "benign")
+    m = rows["malignant/SOB_M_LC-14-12204-400-004.jpg"]
+    assert (m["patient_id"], m["magnification"], m["label"]) == ("SOB_M_LC_14-12204", 400, "malignant")
+    other = rows["other/slide one.png"]
+    assert (other["patient_id"], other["magnification"], other["label"]) == (None, None, None)
+    # masks beside the output, one per ok row
+    masks = [u for u in table.column("mask_uri").to_pylist() if u]
+    assert len(masks) == len(GOOD)
+    assert np.asarray(Image.open(masks[0])).shape == (64, 64)
+    # beside the output
+    assert (Path(out) / "config.yaml").is_file()
+    versions = json.loads((Path(out) / "versions.json").read_text())
+    assert {"python", "torch", "ray", "breakhis_ray"} <= set(versions)
+    # every part is a complete, schema-conformant Parquet file
+    for part in sorted((Path(out) / "predictions").glob("part-*.parquet")):
+        assert pq.read_schema(part).remove_metadata().equals(
+            PREDICTION_SCHEMA)
+
+
+@pytest.mark.ray
+def test_job_matches_plain_loop(full_run, tree, checkpoints):
+    """The Ray job's probabilities equal the model applied directly to preprocess_bytes (1e-5)."""
+    from breakhis_ray.checkpoint import load_model
+    from breakhis_ray.data.transforms import PreprocessSpec, preprocess_bytes
+
+    _, _, table = full_run
+    ok = table.filter(pa.compute.equal(table.column("status"), "ok"))
+    model, meta = load_model(checkpoints["classifier"])
+    spec = PreprocessSpec.from_dict(meta["preprocessing"])
+    paths = ok.column("path").to_pylist()
+    with torch.no_grad():
+        x = torch.from_numpy(preprocess_bytes([Path(p).read_bytes() for p in paths], spec))
+        want = torch.softmax(model(x), dim=1)[:, 1].numpy()
+    np.testing.assert_allclose(ok.column("prob_malignant").to_numpy(), want, atol=1e-5)
+
+
+@pytest.mark.ray
+def test_kill_and_resume_gives_the_same_rows(full_run, tree, checkpoints, tmp_path):
+    from breakhis_ray.inference import read_predictions, run_infer
+
+    _, _, reference = full_run
+    out = str(tmp_path / "out")
+    cfg = _cfg(str(tree), out, checkpoints["classifier"], checkpoints["unet"], write_masks=True)
+    first = run_infer(cfg.model_copy(update={"max_chunks": 2}))  # "killed" after two of four parts
+    assert first["chunks_written"] == 2 and not first["complete"] and first["chunks_remaining"] == 2
+    assert read_predictions(out).num_rows == 8
+    # a crash during a write leaves only a hidden temp file, never a partial part; and a finished part is lost
+    (Path(out) / "predictions" / ".part-00002.parquet.tmp-dead").write_bytes(b"partial")
+    (Path(out) / "predictions" / "part-00000.parquet").unlink()
+    second = run_infer(cfg)
+    assert second["complete"] and second["skipped_done"] == 4 and second["chunks_written"] == 3
+    assert second["processed"] == len(EXPECTED) - 4
+    third = run_infer(cfg)  # nothing left to do
+    assert third["processed"] == 0 and third["skipped_done"] == len(EXPECTED) and third["complete"]
+    table = read_predictions(out)
+    assert table.num_rows == len(EXPECTED) == len(set(table.column("path").to_pylist()))
+    got, want = _rel(table, str(tree)), _rel(reference, str(tree))
+    assert got.keys() == want.keys()
+    for key in want:
+        for col, value in want[key].items():
+            if isinstance(value, float):
+                assert got[key][col] == pytest.approx(value, abs=1e-6), (key, col)
+            else:
+                assert got[key][col] == value, (key, col)
+    # other settings in the same --out are refused instead of mixed
+    with pytest.raises(ConfigError, match="already holds predictions"):
+        run_infer(cfg.model_copy(update={"chunk_size": 5}))
+
+
+@pytest.mark.ray
+def test_manifest_input_with_threshold_segmenter(ray_session, checkpoints, tree, tmp_path):
+    """A manifest Parquet (column path; duplicates count once) and the classical segmenter's features."""
+    from breakhis_ray.inference import read_predictions, run_infer
+
+    manifest = tmp_path / "manifest.parquet"
+    paths = [str(tree / rel) for rel in EXPECTED]
+    pq.write_table(pa.table({"path": paths + paths[:2]}), manifest)
+    out = str(tmp_path / "out")
+    summary = run_infer(_cfg(str(manifest), out, checkpoints["classifier"], "threshold", chunk_size=100))
+    table = read_predictions(out)
+    assert summary["mode"] == "manifest" and summary["ok"] == len(GOOD) and table.num_rows == len(EXPECTED)
+    assert {k: v["status"] for k, v in _rel(table, str(tree)).items()} == EXPECTED
+    ok = [r for r in table.to_pylist() if r["status"] == "ok"]
+    assert all(r["segmenter_checkpoint"] == "threshold" for r in table.to_pylist())
+    assert all(r["nuclei_count"] is not None and r["nuclear_area_fraction"] is not None for r in ok)
+    assert sum(r["nuclei_count"] for r in ok) > 0  # the blobs are found
+    assert all(0.0 <= r["nuclear_area_fraction"] <= 1.0 and r["mean_hematoxylin"] >= 0.0 for r in ok)
+    assert all(r["mask_uri"] is None for r in ok)
+
+
+@pytest.mark.ray
+def test_parquet_shards_input(ray_session, checkpoints, tree, tmp_path, full_run):
+    """prepare-style shards (image bytes + path; augmented copies skipped; other Parquet files ignored)."""
+    from breakhis_ray.inference import read_predictions, run_infer
+
+    good = sorted(rel for rel in GOOD if not rel.startswith("odd/"))
+    shard_dir = tmp_path / "prep" / "shards"
+    shard_dir.mkdir(parents=True)
+    rows = [{"path": str(tree / rel), "image": (tree / rel).read_bytes(), "augmentation": None} for rel in good]
+    rows.append({"path": str(tree / good[0]) + "#aug=hflip", "image": rows[0]["image"], "augmentation": "hflip"})
+    rows.append({"path": "s3://elsewhere/broken.png", "image": b"\x89PNG broken", "augmentation": None})
+    schema = pa.schema([("path", pa.string()), ("image", pa.binary()), ("augmentation", pa.string())])
+    pq.write_table(pa.Table.from_pylist(rows[:3], schema), shard_dir / "part-00000.parquet", row_group_size=2)
+    pq.write_table(pa.Table.from_pylist(rows[3:], schema), shard_dir / "part-00001.parquet")
+    pq.write_table(pa.table({"path": ["x"]}), tmp_path / "prep" / "manifest.parquet")  # not an input
+    out = str(tmp_path / "out")
+    summary = run_infer(_cfg(str(tmp_path / "prep"), out, checkpoints["classifier"], chunk_size=3))
+    table = read_predictions(out)
+    assert summary["mode"] == "shards" and table.num_rows == len(good) + 1 and summary["chunks"] == 3
+    status = dict(zip(table.column("path").to_pylist(), table.column("status").to_pylist()))
+    assert status.pop("s3://elsewhere/broken.png") == "error"
+    assert set(status.values()) == {"ok"}
+    # the same images give the same probabilities whichever way they came in
+    _, _, reference = full_run
+    want = dict(zip(reference.column("path").to_pylist(), reference.column("prob_malignant").to_pylist()))
+    for path, prob in zip(table.column("path").to_pylist(), table.column("prob_malignant").to_pylist()):
+        if path in want:
+            assert prob == pytest.approx(want[path], abs=1e-6)
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+def test_s3_in_and_out(ray_session, s3_server, checkpoints, tree):
+    """Images and checkpoints read from S3, predictions written to S3, against a real local S3 server."""
+    from breakhis_ray.inference import read_predictions, run_infer
+
+    root = s3_server.uri("infer-test/images")
+    for path in sorted(tree.rglob("*")):
+        if path.is_file():
+            storage.write_bytes(root + "/" + path.relative_to(tree).as_posix(), path.read_bytes())
+    ckpt = s3_server.uri("infer-test/classifier")
+    for name in ("meta.json", "model.pt"):
+        storage.write_bytes(f"{ckpt}/{name}", (Path(checkpoints["classifier"]) / name).read_bytes())
+    out = s3_server.uri("infer-test/out")
+    cfg = _cfg(root, out, ckpt, "threshold")
+    first = run_infer(cfg.model_copy(update={"max_chunks": 2}))
+    assert first["chunks_written"] == 2
+    summary = run_infer(cfg)
+    assert summary["complete"] and summary["skipped_done"] == 8
+    table = read_predictions(out)
+    assert {k: v["status"] for k, v in _rel(table, root).items()} == EXPECTED
+    assert storage.exists(out + "/config.yaml") and storage.exists(out + "/versions.json")
