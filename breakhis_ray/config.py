@@ -656,6 +656,9 @@ class InferConfig(StrictModel):
     decode_batch_size: int = Field(default=16, ge=1)
     decode_num_cpus: float = Field(default=0.5, gt=0.0)
     decode_concurrency: int | None = Field(default=None, ge=1, description="max concurrent decode tasks")
+    decode_max_calls: int = Field(default=1000, ge=0, description="decode tasks per worker process before it "
+                                  "is recycled; 0 = never (Ray may then fuse decoding into the model actors "
+                                  "when both ask for the same resources)")
     io_threads: int = Field(default=8, ge=1, le=128, description="parallel reads inside one decode task")
     # model stage (one actor per replica: segmenter + classifier fused)
     batch_size: int = Field(default=32, ge=1)
@@ -745,3 +748,22 @@ class ReportConfig(StrictModel):
 
     _train_runs = field_validator("train_runs", "configs", mode="before")(
         lambda cls, v: [] if v is None else _one_or_many(v))
+
+
+# -------------------------------------------------------------------------------------------- demo
+class DemoConfig(StrictModel):
+    """``make demo``: synth -> manifest -> split -> prepare -> train -> U-Net -> infer -> evaluate -> report."""
+
+    out: str = "runs/demo"
+    seed: int = 0
+    fraction: float = Field(default=0.05, gt=0.0, le=1.0, description="share of BreakHis' 7,909 images")
+    size: tuple[int, int] = (350, 230)
+    difficulty: float = Field(default=0.5, ge=0.0, le=1.0)
+    train_config: str = "jobs/configs/train_tiny.yaml"
+    segmenter_config: str = "jobs/configs/segmenter_tiny.yaml"
+    train_overrides: list[str] = Field(default_factory=list, description="key=value overrides for training")
+    segmenter_overrides: list[str] = Field(default_factory=list)
+    infer_segmenter: Literal["unet", "threshold", "watershed"] = "unet"
+    ray: RayConfig = RayConfig()
+
+    _size = field_validator("size", mode="before")(lambda cls, v: parse_size(v))

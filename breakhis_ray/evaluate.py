@@ -301,7 +301,8 @@ def format_table(result: Mapping[str, Any]) -> str:
     """A compact text table: overall and per magnification (mean ± std when there are several folds)."""
     summary = result.get("mean_std")
     width = 16 if summary else 10
-    header = f"{'scope':<8}{'images':>8}{'patients':>9}{'errors':>7}" + "".join(f"{t:>{width}}" for _, t in TABLE_COLUMNS)
+    header = (f"{'scope':<8}{'images':>8}{'patients':>9}{'errors':>7}"
+              + "".join(f"{t:>{width}}" for _, t in TABLE_COLUMNS))
     lines = [header]
     scopes = [("overall", result["overall"], summary["overall"] if summary else None)]
     for mag, metrics in result["per_magnification"].items():

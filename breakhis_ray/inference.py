@@ -610,8 +610,15 @@ class Predictor:
         if segmenter is not None:
             _, self.segment_size = resolve_sizes(self.classifier_uri, self.segmenter_uri, segment_size)
             self.segmenter = build_segmenter(self.segmenter_uri, segmenter_options, device=str(self.device))
-        if self.in_channels == 4 and self.segmenter is None:
-            raise ConfigError(f"classifier {classifier} takes RGB + nuclei mask (in_channels=4): give --segmenter")
+        # Segmentation-guided classifiers get the same guidance (mask channel or emphasis) as in training,
+        # read from the checkpoint's config.
+        from breakhis_ray.segmentation.guided import stage_for_checkpoint
+
+        self.guidance = stage_for_checkpoint(self.classifier_uri, device=str(self.device))
+        guided_channels = 4 if self.guidance is not None and self.guidance.guidance.mode == "channel" else 3
+        if self.in_channels != guided_channels:
+            raise ConfigError(f"classifier {classifier} takes {self.in_channels} input channels but its saved "
+                              f"guidance gives {guided_channels}")
         self.mask_dir = mask_dir
         self.run_id = run_id or new_run_id()
 
@@ -643,16 +650,19 @@ class Predictor:
         return self.predict_bytes([_read(u) for u in uris], list(uris), max_pixels)
 
     # ---------------------------------------------------------------------------------- the model
-    def _classify(self, images: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
+    def _classify(self, images: np.ndarray) -> np.ndarray:
         import torch
 
         from breakhis_ray.data.transforms import normalize
 
+        if self.guidance is not None:
+            guided = self.guidance.transform(np.ascontiguousarray(images))
+            if self.torch_threads:
+                torch.set_num_threads(int(self.torch_threads))
+            images = guided["image"]
+            if "mask" in guided:
+                images = np.concatenate([images, guided["mask"][..., None]], axis=-1)
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        if self.in_channels == 4:
-            m = torch.from_numpy(np.ascontiguousarray(masks)).to(self.device, torch.float32)[:, None]
-            m = torch.nn.functional.interpolate(m, size=tuple(self.spec.size), mode="nearest")
-            x = torch.cat([x, (m[:, 0, :, :, None] * 255).to(torch.uint8)], dim=-1)
         x = normalize(x, self.spec)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.model(x)
@@ -672,13 +682,11 @@ class Predictor:
         mask_uris: list[str | None] = [None] * n
         chunks = np.asarray(batch.get(CHUNK_COLUMN, np.zeros(n, dtype=np.int32)), dtype=np.int32)
         if idx.size:
-            masks = None
             with torch.inference_mode():
                 if self.segmenter is not None:
                     seg_images = batch["_seg"][idx] if "_seg" in batch else batch["_image"][idx]
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                         result = self.segmenter.segment(np.ascontiguousarray(seg_images))
-                    masks = result.masks
                     for j, i in enumerate(idx):
                         for key in FEATURE_COLUMNS:
                             feats[key][i] = float(result.features[j][key])
@@ -688,7 +696,7 @@ class Predictor:
                             uri = storage.join(folder, _mask_name(paths[i]))
                             storage.write_bytes(uri, _mask_png(result.labels[j]))
                             mask_uris[i] = uri
-                prob[idx] = self._classify(batch["_image"][idx], masks)
+                prob[idx] = self._classify(batch["_image"][idx])
         fields = [_filename_fields(p) for p in paths]
         errors = [None if ok[i] else str(batch["_error"][i]) for i in range(n)]
         now = datetime.now(timezone.utc)
@@ -816,12 +824,13 @@ def _check_or_write_plan(pred_dir: str, record: dict) -> bool:
         except ValueError:
             raise DataError(f"{uri} is not valid JSON: remove it (and the parts beside it) or use a new --out") \
                 from None
-        keys = ("mode", "n_inputs", "chunk_size", "inputs_sha256", "settings")
-        diff = [k for k in keys if old.get(k) != record.get(k)]
+        before = {**{k: old.get(k) for k in ("mode", "n_inputs", "chunk_size")}, **(old.get("settings") or {})}
+        now = {**{k: record[k] for k in ("mode", "n_inputs", "chunk_size")}, **record["settings"]}
+        diff = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in now if before.get(k) != now.get(k)]
+        if old.get("inputs_sha256") != record["inputs_sha256"]:
+            diff.append("the list of inputs changed")
         if diff:
-            what = ", ".join(
-                f"{k}: {old.get(k)!r} -> {record.get(k)!r}" if k != "inputs_sha256" else "the list of inputs"
-                for k in diff)
+            what = ", ".join(diff)
             raise ConfigError(f"{storage.parent(pred_dir)} already holds predictions for other inputs or settings "
                               f"({what}); use a new --out, or the same settings to resume")
         return True
@@ -850,10 +859,6 @@ def _predictor_kwargs(cfg: InferConfig, segment_size, run_id: str) -> dict:
     }
 
 
-def _no_extra_remote_args() -> dict:
-    return {}
-
-
 def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], preprocessing: dict,
                   segment_size, run_id: str):
     """The Ray Data pipeline for ``chunks``: work units -> CPU decode tasks -> Predictor actors."""
@@ -861,11 +866,14 @@ def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], prep
 
     units = plan.units(chunks)
     decode_kwargs = {"preprocessing": preprocessing, "segment_size": segment_size, "max_pixels": cfg.max_pixels}
-    # A remote-args function keeps decoding a separate operator: Ray Data never fuses an operator that has
-    # one, so images are decoded in their own CPU tasks and never inside the (GPU) model actors.
-    decode_remote: dict[str, Any] = {"num_cpus": cfg.decode_num_cpus, "ray_remote_args_fn": _no_extra_remote_args}
+    # Decode workers are recycled after decode_max_calls tasks (bounds allocator growth from images of
+    # many sizes). Their remote args then differ from the actors', so Ray Data keeps decoding a separate
+    # operator instead of fusing it into the model actors (it fuses only identical remote args).
+    decode_remote: dict[str, Any] = {"num_cpus": cfg.decode_num_cpus}
+    if cfg.decode_max_calls:
+        decode_remote["max_calls"] = cfg.decode_max_calls
     if cfg.decode_concurrency:
-        decode_remote["concurrency"] = cfg.decode_concurrency
+        decode_remote["compute"] = ray.data.TaskPoolStrategy(size=cfg.decode_concurrency)
     # Workers on other nodes (or started before the credentials were set) get object-storage settings here.
     env = storage.credential_env()
     runtime_env = {"env_vars": env} if env else None
@@ -885,7 +893,7 @@ def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], prep
         batch_size=cfg.batch_size,
         batch_format="numpy",
         fn_constructor_kwargs=_predictor_kwargs(cfg, segment_size, run_id),
-        concurrency=cfg.concurrency,
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus or None,
         runtime_env=runtime_env,

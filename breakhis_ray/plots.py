@@ -207,10 +207,11 @@ def class_magnification_bars(tables: Mapping[str, Any]) -> bytes:
                 ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{int(v)}", ha="center",
                         va="bottom", fontsize=7)
         ax.set_xticks(x, [str(r) for r in rows])
+        ax.set_ylim(0, max(1.0, ax.get_ylim()[1]) * 1.18)  # headroom for the legend
         ax.set_ylabel("images")
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, ncol=2, loc="upper center")
     fig.tight_layout()
     return figure_png(fig)
 

@@ -325,16 +325,6 @@ def _frame_from_json(obj: Any) -> pd.DataFrame | None:
     return df
 
 
-def _find_key(obj: Mapping[str, Any], needles: Sequence[str]) -> Any:
-    """The first value whose key contains one of ``needles`` (top level, then one level down)."""
-    for level in (obj, *[v for v in obj.values() if isinstance(v, dict)]):
-        for key, value in level.items():
-            if any(n in str(key).lower().replace("_", "").replace(" ", "") for n in needles):
-                if isinstance(value, (dict, list)):
-                    return value
-    return None
-
-
 def _history_from_run(run_dir: str) -> tuple[list[dict], str, dict | None]:
     """Per-epoch metrics of a run directory; returns ``(history, source, result_json)``."""
     result = None
@@ -383,6 +373,7 @@ class _Context:
     cfg: ReportConfig
     figures: _Figures
     manifest: pd.DataFrame | None = None
+    prepare: dict | None = None
     metrics: dict | None = None
     predictions: pd.DataFrame | None = None
     grid: pd.DataFrame | None = None
@@ -488,34 +479,50 @@ def _reference_table() -> pd.DataFrame:
     return table
 
 
+PREPARE_TABLES = {
+    "tab1_all": "Tab. 1: all images of the prepared fold, before enhancement",
+    "tab1_train": "Tab. 1: training split before enhancement",
+    "tab2_train": "Tab. 2: training split after enhancement",
+    "tab2_all": "Tab. 2: all splits after enhancement",
+}
+
+
 def _section_enhancement(ctx: _Context) -> str:
     cfg = ctx.cfg
     if not cfg.prepare_summary:
         return skipped("prepare_summary", "Set <code>prepare_summary=PATH</code> to the <code>prepare.json</code> "
                        "written by <code>breakhis-ray prepare</code>.")
-    data = read_json(cfg.prepare_summary, "prepare summary")
-    if not isinstance(data, dict):
-        raise DataError(f"prepare summary {cfg.prepare_summary} must hold a JSON object")
-    parts = []
-    scalars = [(k, v) for k, v in data.items() if isinstance(v, (int, float, str, bool)) or v is None]
-    counts = data.get("counts")
-    if isinstance(counts, dict):
-        scalars += [(k, v) for k, v in counts.items() if isinstance(v, (int, float, str, bool))]
-    if scalars:
-        parts += ["<h3>Counts</h3>", table_html(["key", "value"], [[k, v] for k, v in scalars])]
-    tables = {}
-    for title, needles in (("Tab. 1: before enhancement", ("before", "tab1", "table1")),
-                           ("Tab. 2: after enhancement", ("after", "tab2", "table2"))):
-        frame = _frame_from_json(_find_key(data, needles))
+    data = ctx.prepare
+    counts = [(k, v) for k, v in data.items()
+              if (isinstance(v, (int, float, str, bool)) or v is None) and k not in ("root", "out")]
+    for group in ("splits", "rejects_by_reason", "converted"):
+        if isinstance(data.get(group), dict):
+            counts += [(f"{group}: {k}", v) for k, v in data[group].items()]
+    if isinstance(data.get("shards"), list):
+        counts.append(("shard files", len(data["shards"])))
+    parts = [f"<p>Prepared from <code>{esc(data.get('root', 'n/a'))}</code> into "
+             f"<code>{esc(data.get('out', 'n/a'))}</code>.</p>"]
+    if counts:
+        parts += ["<h3>Counts</h3>", table_html(["count", "value"], [[k, v] for k, v in counts])]
+    for text in data.get("enhance_notes") or []:
+        parts.append(note(esc(text)))
+    tables = data.get("tables") if isinstance(data.get("tables"), dict) else {}
+    frames = {}
+    for key, value in tables.items():
+        frame = _frame_from_json(value)
         if frame is None:
-            parts.append(note(f"{esc(title)}: not found in {esc(cfg.prepare_summary)}."))
             continue
-        tables[title] = frame
+        title = PREPARE_TABLES.get(key, key)
+        frames[key] = (title, frame)
         rows = [[idx, *[_cell(v) for v in frame.loc[idx]]] for idx in frame.index]
         parts += [f"<h3>{esc(title)}</h3>",
                   table_html(["Magnification", *frame.columns], rows,
                              row_classes=["total" if r[0] == "Total" else "" for r in rows])]
-    plottable = {t: f for t, f in tables.items() if {"Benign", "Malignant"} <= set(f.columns)}
+    if not frames:
+        parts.append(note(f"No class x magnification tables (<code>tables</code>) in "
+                          f"{esc(cfg.prepare_summary)}."))
+    pair = [k for k in ("tab1_train", "tab2_train") if k in frames] or list(frames)[:2]
+    plottable = {frames[k][0]: frames[k][1] for k in pair if {"Benign", "Malignant"} <= set(frames[k][1].columns)}
     if plottable:
         parts.append(ctx.figures.add("enhancement", plots.class_magnification_bars(plottable),
                                      "Training images per class and magnification before and after the offline "
@@ -546,7 +553,10 @@ def _section_training(ctx: _Context) -> str:
     rows = []
     for run_dir in cfg.train_runs:
         history, source, result = _history_from_run(run_dir)
-        name = posixpath.basename(str(run_dir).rstrip("/")) or str(run_dir)
+        parts_ = str(run_dir).rstrip("/").split("/")
+        name = parts_[-1] or str(run_dir)
+        if any(posixpath.basename(str(d).rstrip("/")) == name for d in cfg.train_runs if d != run_dir):
+            name = "/".join(parts_[-2:])  # same run name under two storage paths
         while name in runs:
             name += "'"
         runs[name] = history
@@ -764,12 +774,15 @@ def _seg_rows(data: Any) -> tuple[list[str], list[list[Any]]]:
     for name, values in items:
         flat: dict[str, Any] = {}
         for key, value in values.items():
-            if key == "method":
+            if key == "method" or (key.endswith("_std") and key[:-4] in values):
                 continue
+            std = values.get(f"{key}_std")
             if isinstance(value, dict) and isinstance(value.get("mean"), (int, float)):
                 flat[key] = _mean_std_text(value, percent=False)
+            elif isinstance(value, float) and isinstance(std, (int, float)):
+                flat[key] = _mean_std_text({"mean": value, "std": std}, percent=False)
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                flat[key] = f"{value:.4f}" if isinstance(value, float) else value
+                flat[key] = f"{value:.3f}" if isinstance(value, float) else value
         columns.extend(k for k in flat if k not in columns)
         flat_rows.append((name, flat))
     return ["method", *columns], [[name, *[f.get(c, "n/a") for c in columns]] for name, f in flat_rows]
@@ -805,6 +818,9 @@ def _section_segmentation(ctx: _Context) -> str:
     headers, rows = _seg_rows(data)
     parts = ["<p>Nuclear segmentation against ground-truth masks: thresholding (Otsu on hematoxylin), "
              "watershed and U-Net, as compared in the CancerNet paper.</p>"]
+    if isinstance(data, dict) and any(k in data for k in ("images", "patients", "metric_notes")):
+        parts.append(note(f"{esc(data.get('images', 'n/a'))} images of {esc(data.get('patients', 'n/a'))} "
+                          f"patients. {esc(data.get('metric_notes', ''))}"))
     parts.append(table_html(headers, rows) if rows else note("No per-method metrics found in the JSON."))
     for title, path in _overlay_paths(data, storage.parent(cfg.segmentation)):
         parts.append(ctx.figures.add(f"overlay-{title}", storage.read_bytes(path),
@@ -857,10 +873,6 @@ def _prepare_grid(df: pd.DataFrame) -> pd.DataFrame:
     df["protocol"] = df["protocol"].fillna("unknown").astype(str)
     df["_table"] = df["table"].map(canonical_table)
     return df
-
-
-def _fmt_metric(entry: Mapping[str, Any] | None, percent: bool) -> str:
-    return _mean_std_text(entry, percent)
 
 
 def _grid_table(name: str, df: pd.DataFrame) -> str:
@@ -919,12 +931,12 @@ def _grid_table(name: str, df: pd.DataFrame) -> str:
                 for value, cell in sub.groupby(f"_n_{pivot}"):
                     per[value] = _stats(cell[metrics[0]])
                 mags = [per[str(m)]["mean"] for m in MAGNIFICATIONS if str(m) in per and per[str(m)]]
-                cells = [_fmt_metric(per.get(c), percent) for c in columns[:-1]]
+                cells = [_mean_std_text(per.get(c), percent) for c in columns[:-1]]
                 mean = {"mean": float(np.mean(mags)), "std": None} if len(mags) == len(MAGNIFICATIONS) else None
-                cells.append(_fmt_metric(mean, percent))
+                cells.append(_mean_std_text(mean, percent))
                 n = int(sub.groupby(f"_n_{pivot}").size().max())
             else:
-                cells = [_fmt_metric(_stats(sub[m]), percent) for m in metrics]
+                cells = [_mean_std_text(_stats(sub[m]), percent) for m in metrics]
                 n = len(sub)
             rows.append([*display, label, *cells, n])
             classes.append("")
@@ -1045,11 +1057,12 @@ def _header(ctx: _Context) -> str:
     if ctx.protocol == "image":
         warn = note("Image-level split: the same patients appear in training and test data; accuracy is "
                     "optimistic and not comparable with patient-level results.", "warn")
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if cfg.data_source == "synthetic":
         warn += note("All images are synthetic: the numbers describe the pipeline, not diagnostic performance.")
     return f"""<header id="top">
 <h1>{esc(cfg.title)}</h1>
-<p class="meta">Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by <code>breakhis-ray report</code>.</p>
+<p class="meta">Generated {generated} by <code>breakhis-ray report</code>.</p>
 <p class="meta">Data source: <span class="badge {esc(cfg.data_source)}">{esc(source_text)}</span>
 &nbsp; Split protocol: <span class="badge{' image' if ctx.protocol == 'image' else ''}">{esc(protocol)}</span></p>
 <p class="meta">Inputs: {esc(given)}</p>
@@ -1064,6 +1077,10 @@ def render_report(cfg: ReportConfig) -> tuple[str, list[str], dict[str, bool]]:
     from breakhis_ray.data.manifest import read_manifest
 
     ctx = _Context(cfg=cfg, figures=_Figures(cfg.out, cfg.embed_images))
+    if cfg.prepare_summary:
+        ctx.prepare = read_json(cfg.prepare_summary, "prepare summary")
+        if not isinstance(ctx.prepare, dict):
+            raise DataError(f"prepare summary {cfg.prepare_summary} must hold a JSON object")
     if cfg.manifest:
         ctx.manifest = read_manifest(cfg.manifest)
     if cfg.metrics:
@@ -1079,8 +1096,8 @@ def render_report(cfg: ReportConfig) -> tuple[str, list[str], dict[str, bool]]:
     protocols = set()
     if ctx.grid is not None and "protocol" in ctx.grid.columns:
         protocols = {str(p) for p in ctx.grid["protocol"].dropna().unique()}
-    ctx.protocol = cfg.protocol or (ctx.metrics or {}).get("protocol") or (
-        " + ".join(sorted(protocols)) if protocols else None)
+    ctx.protocol = (cfg.protocol or (ctx.metrics or {}).get("protocol")
+                    or (" + ".join(sorted(protocols)) if protocols else None) or (ctx.prepare or {}).get("protocol"))
 
     bodies, status = [], {}
     for number, (sid, title) in enumerate(SECTIONS, start=1):
@@ -1114,7 +1131,8 @@ def render_report(cfg: ReportConfig) -> tuple[str, list[str], dict[str, bool]]:
 
 
 def run_report(cfg: ReportConfig) -> str:
-    """CLI stage: write ``<out>/report.html``, ``<out>/figures/*.png`` and ``<out>/config.yaml``; return the HTML URI."""
+    """CLI stage: write ``<out>/report.html``, ``<out>/figures/*.png`` and ``<out>/config.yaml``; returns the
+    URI of the HTML file."""
     storage.makedirs(cfg.out)
     page, figures, status = render_report(cfg)
     uri = storage.join(cfg.out, REPORT_FILE)

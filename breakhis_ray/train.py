@@ -14,8 +14,10 @@ from breakhis_ray import storage
 from breakhis_ray.config import TrainConfig, config_yaml, dump_config, validate_config
 from breakhis_ray.train_common import (
     all_reduce_sums,
+    evaluates_on_this_rank,
     fit,
     is_improvement,
+    latest_checkpoint,
     make_trainer,
     maybe_inject_failure,
     quiet_data_progress,
@@ -24,6 +26,7 @@ from breakhis_ray.train_common import (
     rng_state,
     seed_everything,
     summarise,
+    write_history,
 )
 
 LABELS = ["benign", "malignant"]
@@ -192,7 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from breakhis_ray.checkpoint import save_checkpoint
+    from breakhis_ray.checkpoint import save_checkpoint, unwrap_model
     from breakhis_ray.data.pipeline import iter_train_batches
     from breakhis_ray.losses import create_loss
     from breakhis_ray.models import set_backbone_trainable
@@ -215,9 +218,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_fn = create_loss(cfg.loss.name, class_counts=cfg.loss.class_counts, alpha=cfg.loss.alpha,
                           gamma=cfg.loss.gamma, label_smoothing=cfg.loss.label_smoothing).to(device)
 
-    state = restore(ray.train.get_checkpoint(), model, optimizer, scheduler, device) or {}
+    state = restore(latest_checkpoint(cfg.run, ray.train.get_checkpoint()), model, optimizer, scheduler, device) or {}
     start_epoch, history = state.get("epoch", 0), state.get("history", [])
     best, stale = state.get("best"), state.get("stale", 0)
+    resumes = state.get("resumes", 0) + (1 if state else 0)
     if state and rank == 0:
         print(f"[train] resumed from checkpoint at epoch {start_epoch}/{cfg.train.epochs}", flush=True)
 
@@ -231,25 +235,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model, iter_train_batches(train_shard, cfg.train.batch_size, device, spec, in_channels=cfg.model.in_channels),
             loss_fn, optimizer, device, amp=amp, grad_clip=cfg.train.grad_clip,
             max_steps=cfg.train.max_steps_per_epoch)
-        val_stats = evaluate(model, iter_train_batches(val_shard, cfg.train.eval_batch_size, device, spec,
-                                                       in_channels=cfg.model.in_channels),
-                             loss_fn, device, amp=amp)
+        val_batches = iter_train_batches(val_shard, cfg.train.eval_batch_size, device, spec,
+                                         in_channels=cfg.model.in_channels) if evaluates_on_this_rank(rank) else []
+        # the bare module: a DDP forward on one rank alone would wait on a buffer broadcast
+        val_stats = evaluate(unwrap_model(model), val_batches, loss_fn, device, amp=amp)
         scheduler.step()
         metrics = epoch_metrics(all_reduce_sums(train_stats, device), all_reduce_sums(val_stats, device), world)
-        metrics.update(epoch=epoch + 1, backbone_frozen=frozen, lr=optimizer.param_groups[-1]["lr"])
+        metrics.update(epoch=epoch + 1, backbone_frozen=frozen, lr=optimizer.param_groups[-1]["lr"], resumes=resumes)
         history.append(metrics)
         score = metrics[cfg.run.checkpoint_metric]
         best, stale = (score, 0) if is_improvement(score, best, cfg.run.checkpoint_mode) else (best, stale + 1)
         stop = cfg.train.early_stopping_patience is not None and stale >= cfg.train.early_stopping_patience
         metrics["early_stopped"] = stop
         if rank == 0:
+            write_history(cfg.run, history)
             print(f"[train] epoch {epoch + 1}/{cfg.train.epochs} train_loss={metrics['train_loss']:.4f} "
                   f"train_acc={metrics['train_accuracy']:.3f} val_loss={metrics['val_loss']:.4f} "
                   f"val_acc={metrics['val_accuracy']:.3f} val_bal_acc={metrics['val_balanced_accuracy']:.3f} "
                   f"{metrics['train_images_per_s']:.1f} img/s{' (backbone frozen)' if frozen else ''}",
                   flush=True)
         train_state = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "rng": rng_state(), "history": history, "best": best, "stale": stale}
+                       "rng": rng_state(), "history": history, "best": best, "stale": stale,
+                       "resumes": resumes}
         report_epoch(metrics, rank, lambda d, ts=train_state: save_checkpoint(
             d, model, model_args=model_args, labels=LABELS, preprocessing=spec.to_dict(),
             config=dump_config(cfg), extra_state=ts, metrics=metrics))

@@ -56,6 +56,42 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
 
 
+def _checkpoint_epoch(uri: str) -> int:
+    from breakhis_ray.checkpoint import read_meta
+
+    try:
+        return int((read_meta(uri).get("metrics") or {}).get("epoch", -1))
+    except (BreakhisError, ValueError, TypeError):
+        return -1  # incomplete (meta.json is written last) or foreign: never resumed from
+
+
+def latest_checkpoint(run: RunSection, reported=None):
+    """The newest complete checkpoint of this run: Ray's own (``get_checkpoint()``) or, when Ray lost track
+    of it (a worker died before its last report was registered, or the controller was restarted), the
+    newest one found in the run's storage folder. Resuming never silently starts over at epoch 1."""
+    import ray.train
+
+    run_dir = storage.join(run.storage_path, run.name)
+    candidates = []
+    if reported is not None:
+        candidates.append((_checkpoint_epoch(checkpoint_uri(run.storage_path, reported)), reported))
+    if storage.exists(run_dir):
+        fs, _ = storage.resolve(run_dir)
+        metas = [u for u in storage.list_files(run_dir, suffixes=["meta.json"])
+                 if u.rstrip("/").split("/")[-2].startswith("checkpoint_")]
+        for meta in metas:
+            folder = storage.parent(meta)
+            candidates.append((_checkpoint_epoch(folder), folder))
+    candidates = [c for c in candidates if c[0] >= 0]
+    if not candidates:
+        return None
+    epoch, best = max(candidates, key=lambda c: c[0])
+    if isinstance(best, str):
+        fs, path = storage.resolve(best)
+        return ray.train.Checkpoint(path, filesystem=fs)
+    return best
+
+
 def restore(checkpoint, model, optimizer, scheduler, device) -> dict | None:
     """Load weights, optimiser, scheduler and RNG state from a Ray checkpoint; return the train state."""
     from breakhis_ray.checkpoint import load_state_dict, load_train_state, unwrap_model
@@ -92,6 +128,17 @@ def is_improvement(score: float, best: float | None, mode: str) -> bool:
     return best is None or (score > best if mode == "max" else score < best)
 
 
+def write_history(run: RunSection, history: list[dict]) -> None:
+    """Rank 0 keeps ``<run_dir>/history.json`` current every epoch (curves for the report, any mode)."""
+    uri = storage.join(run.storage_path, run.name, "history.json")
+    storage.write_text(uri, json.dumps(history, indent=2, default=float))
+
+
+def read_history(run_dir: str) -> list[dict]:
+    uri = storage.join(run_dir, "history.json")
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else []
+
+
 def report_epoch(metrics: dict, rank: int, save: Callable[[str], Any]) -> None:
     """Every rank reports once per epoch; rank 0 attaches a checkpoint written by ``save(directory)``."""
     import tempfile
@@ -109,7 +156,12 @@ def report_epoch(metrics: dict, rank: int, save: Callable[[str], Any]) -> None:
 # ------------------------------------------------------------------------------------ driver side
 def make_trainer(loop: Callable[[dict], None], cfg: StrictModel, scaling: ScalingSection, run: RunSection,
                  datasets: dict):
-    """A ``TorchTrainer`` whose workers receive ``dump_config(cfg)``; storage may be local or ``s3://``."""
+    """A ``TorchTrainer`` whose workers receive ``dump_config(cfg)``; storage may be local or ``s3://``.
+
+    Only ``train`` is split across workers. Ray's equal split drops the remainder rows, which is harmless for
+    a shuffled training epoch but would silently shrink validation; so ``val`` stays whole and rank 0
+    evaluates it (`evaluates_on_this_rank`), its sums then shared with every rank.
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -140,7 +192,12 @@ def make_trainer(loop: Callable[[dict], None], cfg: StrictModel, scaling: Scalin
         torch_config=TorchConfig(backend=scaling.backend or ("nccl" if scaling.use_gpu else "gloo")),
         run_config=run_config,
         datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+
+
+def evaluates_on_this_rank(rank: int) -> bool:
+    return rank == 0
 
 
 def quiet_data_progress(enabled: bool) -> None:
@@ -169,25 +226,19 @@ def checkpoint_uri(storage_path: str, checkpoint) -> str:
 
 def summarise(run: RunSection, result, run_dir: str, tag: str) -> dict:
     """Write ``<run_dir>/result.json`` and ``history.json``; return the summary (best/latest checkpoints)."""
-    from breakhis_ray.checkpoint import load_train_state
-
     best = result.get_best_checkpoint(run.checkpoint_metric, run.checkpoint_mode) if result.best_checkpoints else None
     latest = result.checkpoint
-    history: list = []
-    if latest is not None:
-        state = load_train_state(checkpoint_uri(run.storage_path, latest)) or {}
-        history = state.get("history", [])
+    history = read_history(run_dir)
     summary = {
         "run_dir": run_dir,
         "best_checkpoint": checkpoint_uri(run.storage_path, best) if best else None,
         "latest_checkpoint": checkpoint_uri(run.storage_path, latest) if latest else None,
         "metric": run.checkpoint_metric,
-        "best_metrics": next((m for c, m in result.best_checkpoints if best and c.path == best.path), None),
+        "best_metrics": next((m for c, m in result.best_checkpoints or [] if best and c.path == best.path), None),
         "final_metrics": result.metrics,
         "epochs_completed": len(history),
     }
     storage.write_text(storage.join(run_dir, "result.json"), json.dumps(summary, indent=2, default=str))
-    storage.write_text(storage.join(run_dir, "history.json"), json.dumps(history, indent=2, default=float))
     if summary["best_checkpoint"]:
         score = (summary["best_metrics"] or {}).get(run.checkpoint_metric)
         print(f"[{tag}] best checkpoint ({run.checkpoint_metric}={score}): {summary['best_checkpoint']}", flush=True)

@@ -76,3 +76,26 @@ def s3_server():
             else:
                 os.environ[key] = value
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_breakhis(tmp_path_factory, ray_session) -> dict:
+    """A small synthetic BreakHis (all 82 patients, a few images each), its manifest, patient splits and
+    prepared shards, built once per session and shared by the training, segmentation and inference tests."""
+    from breakhis_ray.config import PrepareConfig, SplitConfig, SynthConfig, load_config
+    from breakhis_ray.data.manifest import run_manifest
+    from breakhis_ray.config import ManifestConfig
+    from breakhis_ray.data.shards import run_prepare
+    from breakhis_ray.data.splits import run_split
+    from breakhis_ray.data.synthetic import run_synth
+
+    root = tmp_path_factory.mktemp("tiny_breakhis")
+    synth, manifest, splits, prepared = root / "synthetic", root / "manifest.parquet", root / "splits.parquet", \
+        root / "prepared"
+    run_synth(SynthConfig(out=str(synth), fraction=0.03, size=(140, 92), seed=7, difficulty=0.2,
+                          grid=False, folds_files=False))
+    run_manifest(ManifestConfig(root=str(synth), out=str(manifest)))
+    run_split(SplitConfig(manifest=str(manifest), out=str(splits), folds=3, val_fraction=0.3, seed=0))
+    run_prepare(load_config(PrepareConfig, None, [], {"root": str(manifest), "out": str(prepared),
+                                                      "splits": str(splits), "enhance.enabled": True}))
+    return {"root": root, "synthetic": synth, "manifest": manifest, "splits": splits, "prepared": prepared}

@@ -75,8 +75,5 @@ def test_gpu_configs_ask_for_gpus():
     assert train.data.image_size == (224, 224) and (train.train.batch_size, train.train.epochs) == (64, 25)
     assert train.run.storage_path.startswith("s3://"), "multi-node Ray Train needs shared storage"
     assert train.data.shards.startswith("s3://")
-    infer_cls = getattr(config_module, "InferConfig", None)
-    if infer_cls is None:
-        pytest.skip("breakhis_ray.config has no InferConfig yet (config of `breakhis-ray infer`)")
-    infer = config_module.load_config(infer_cls, CONFIG_DIR / "infer_gpu.yaml")
+    infer = config_module.load_config(config_module.InferConfig, CONFIG_DIR / "infer_gpu.yaml")
     assert infer.num_gpus >= 1 and infer.concurrency >= 1

@@ -194,12 +194,57 @@ def test_plain_loop_matches_preprocess_bytes(checkpoints, tree):
     assert got.column("nuclei_count").null_count == len(paths)  # no segmenter: features are null
 
 
+def test_guided_classifier_gets_its_training_guidance(tmp_path, tree):
+    """A classifier trained with the nuclei mask as 4th channel gets the same mask at inference."""
+    from breakhis_ray.checkpoint import load_model, save_checkpoint
+    from breakhis_ray.data.transforms import PreprocessSpec, normalize, prepare_bytes
+    from breakhis_ray.inference import Predictor
+    from breakhis_ray.models import create_model
+    from breakhis_ray.segmentation.guided import stage_for_checkpoint
+
+    torch.manual_seed(1)
+    clf = create_model("tiny_cnn", num_classes=2, in_channels=4, width=4)
+    ckpt = str(tmp_path / "guided")
+    save_checkpoint(ckpt, clf, preprocessing={"size": [32, 32]},
+                    config={"guidance": {"method": "threshold", "mode": "channel"}})
+    paths = sorted(str(tree / rel) for rel in GOOD if not rel.startswith("odd/"))
+    got = Predictor.from_checkpoint(ckpt).predict_uris(paths)
+    model, meta = load_model(ckpt)
+    spec = PreprocessSpec.from_dict(meta["preprocessing"])
+    tiles = prepare_bytes([Path(p).read_bytes() for p in paths], spec)
+    guided = stage_for_checkpoint(ckpt).transform(tiles)
+    x = normalize(np.concatenate([guided["image"], guided["mask"][..., None]], axis=-1), spec)
+    with torch.no_grad():
+        want = torch.softmax(model(torch.from_numpy(x)), dim=1)[:, 1].numpy()
+    np.testing.assert_allclose(got.column("prob_malignant").to_numpy(), want, atol=1e-5)
+    # a 4-channel classifier without saved guidance cannot be fed
+    save_checkpoint(str(tmp_path / "bare4"), clf, preprocessing={"size": [32, 32]})
+    with pytest.raises(ConfigError, match="input channels"):
+        Predictor.from_checkpoint(str(tmp_path / "bare4"))
+
+
 def test_config_rejects_typos():
     with pytest.raises(ConfigError, match="unknown config key"):
         load_config(InferConfig, None, ["batchsize=4"], {"input": "a", "out": "b", "classifier": "c"})
 
 
 # ------------------------------------------------------------------------------------------ ray tier
+@pytest.mark.ray
+def test_decode_is_its_own_stage(ray_session, checkpoints, tree, tmp_path, capsys):
+    """CPU decode tasks and the fused segmenter + classifier actors stay separate Ray Data operators."""
+    from breakhis_ray.inference import build_dataset, plan_inputs, resolve_sizes
+
+    cfg = _cfg(str(tree), str(tmp_path / "out"), checkpoints["classifier"], checkpoints["unet"])
+    plan = plan_inputs(cfg)
+    assert plan.mode == "images" and len(plan.paths) == len(EXPECTED)  # notes.txt is not an input
+    prep, seg_size = resolve_sizes(cfg.classifier, cfg.segmenter)
+    assert tuple(prep["size"]) == (32, 32) and seg_size == (64, 64)
+    build_dataset(cfg, plan, range(plan.n_chunks), prep, seg_size, "run").explain()
+    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "ActorPoolMapOperator[MapBatches(Predictor)]" in physical
+    assert "TaskPoolMapOperator[MapBatches(read_and_decode)]" in physical
+
+
 @pytest.fixture(scope="module")
 def full_run(ray_session, checkpoints, tree, tmp_path_factory):
     """One uninterrupted run with the U-Net: the reference for the resume test."""

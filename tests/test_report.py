@@ -11,9 +11,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
+from test_evaluate import make_manifest, make_predictions, write_table
 
 from breakhis_ray import cli, plots
 from breakhis_ray.config import EvaluateConfig, ReportConfig, load_config
@@ -21,8 +21,6 @@ from breakhis_ray.data.manifest import write_parquet
 from breakhis_ray.evaluate import run_evaluate
 from breakhis_ray.metrics import roc_auc
 from breakhis_ray.report import PUBLISHED_LABEL, SECTIONS, canonical_table, run_report
-
-from test_evaluate import make_manifest, make_predictions, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION_IDS = [sid for sid, _ in SECTIONS]
@@ -118,9 +116,14 @@ def inputs(tmp_path_factory):
     metrics_uri = str(tmp / "metrics.json")
     run_evaluate(load_config(EvaluateConfig, values={"predictions": pred_uri, "manifest": manifest_uri,
                                                      "out": metrics_uri}))
-    prepare = {"input": 17, "written": 30, "rejected": 0, "augmented": 13,
-               "table1_before": {"40X": {"benign": 5, "malignant": 3}, "100X": {"benign": 4, "malignant": 2}},
-               "table2_after": {"40X": {"benign": 5, "malignant": 5}, "100X": {"benign": 4, "malignant": 4}}}
+    before = {"40X": {"Benign": 5, "Malignant": 3, "Total": 8}, "100X": {"Benign": 4, "Malignant": 2, "Total": 6},
+              "Total": {"Benign": 9, "Malignant": 5, "Total": 14}}
+    after = {"40X": {"Benign": 5, "Malignant": 5, "Total": 10}, "100X": {"Benign": 4, "Malignant": 4, "Total": 8},
+             "Total": {"Benign": 9, "Malignant": 9, "Total": 18}}
+    prepare = {"root": "synthetic", "out": "prep", "fold": 1, "input": 17, "written": 17, "rejected": 0,
+               "augmented": 4, "shards": ["shards/part-00000.parquet"], "splits": {"train": 18, "test": 3},
+               "protocol": "patient", "enhance_notes": ["40X: 2 benign copies"],
+               "tables": {"tab1_all": before, "tab1_train": before, "tab2_train": after, "tab2_all": after}}
     (tmp / "prepare.json").write_text(json.dumps(prepare))
     run_a, run_b = tmp / "runs" / "vgg16-focal", tmp / "runs" / "resnet50-ce"
     run_a.mkdir(parents=True)
@@ -129,12 +132,13 @@ def inputs(tmp_path_factory):
     (run_a / "result.json").write_text(json.dumps({"best_checkpoint": str(run_a / "checkpoint_3")}))
     (run_a / "config.yaml").write_text("model:\n  name: vgg16\nloss:\n  name: focal\n")
     (run_b / "result.json").write_text(json.dumps({"latest_checkpoint": None, "kept_checkpoints": history(3, 0.5)}))
-    (tmp / "overlays").mkdir()
-    (tmp / "overlays" / "threshold.png").write_bytes(png((90, 60, 160)))
-    (tmp / "overlays" / "unet.png").write_bytes(png((60, 90, 160)))
-    seg = {"methods": {"threshold": {"dice": 0.71, "iou": {"mean": 0.55, "std": 0.05}},
-                       "watershed": {"dice": 0.74, "iou": 0.58}, "unet": {"dice": 0.86, "iou": 0.75}},
-           "overlays": {"threshold": "overlays/threshold.png", "unet": str(tmp / "overlays" / "unet.png")}}
+    (tmp / "seg").mkdir()
+    (tmp / "seg" / "overlays.png").write_bytes(png((90, 60, 160)))
+    seg = {"methods": {m: {"dice": d, "iou": d - 0.15, "n": 4, "dice_std": 0.05, "iou_std": 0.04,
+                           "count_rel_error": 0.2} for m, d in (("threshold", 0.71), ("watershed", 0.74),
+                                                                 ("unet", 0.86))},
+           "images": 4, "patients": 2, "metric_notes": "per-image Dice/IoU",
+           "overlays": str(tmp / "seg" / "overlays.png")}
     (tmp / "seg.json").write_text(json.dumps(seg))
     (tmp / "grid.json").write_text(json.dumps(grid_rows()))
     (tmp / "samples_grid.png").write_bytes(png((180, 100, 170), (64, 32)))
@@ -159,8 +163,8 @@ def full_report(inputs, tmp_path_factory):
 
 
 # one figure each: class x magnification, enhancement, samples, training curves, confusion matrices,
-# per-magnification bars, ROC, prediction tiles; plus the two segmentation overlays
-FULL_FIGURES = 8 + 2
+# per-magnification bars, ROC, prediction tiles, segmentation overlays
+FULL_FIGURES = 9
 
 
 def test_full_report_sections_images_and_tables(full_report):
@@ -178,8 +182,9 @@ def test_full_report_sections_images_and_tables(full_report):
     for needle in ("Not for diagnosis", "Intended use", "Known limitations", "Metric caveats",
                    "synthetic BreakHis (procedurally generated images)", PUBLISHED_LABEL,
                    "ours (patient split)", "ours (image split)", "96.96", "0.994", "> 97",
-                   "Tab. 1: before enhancement", "Tab. 2: after enhancement", "Recall per subtype",
-                   "vgg16-focal", "resnet50-ce", "excluded from the metric denominators", "watershed"):
+                   "Tab. 1: training split before enhancement", "Tab. 2: training split after enhancement",
+                   "40X: 2 benign copies", "Recall per subtype",
+                   "vgg16-focal", "resnet50-ce", "excluded from the metric denominators", "0.860 ± 0.050"):
         assert needle in text, needle
     assert page.details >= 4  # header config, evaluate config, training run config, configs=[train.yaml]
     # patient-split focal tab3 row: mean of the two folds, as a percentage with the std
@@ -203,6 +208,22 @@ def test_report_with_only_the_manifest(inputs, tmp_path):
     assert "Tab. 1: images per magnification and class" in text
 
 
+def test_report_image_protocol_and_predictions_without_manifest(inputs, tmp_path):
+    tmp, values = inputs
+    metrics = json.loads(Path(values["metrics"]).read_text())
+    metrics["protocol"] = "image"
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    cfg = ReportConfig(out=str(tmp_path / "r"), metrics=str(tmp_path / "metrics.json"),
+                       predictions=values["predictions"], sample_tiles=0)
+    run_report(cfg)
+    page = parse(tmp_path / "r" / "report.html")
+    text = "".join(page.text)
+    assert "Image-level split: the same patients appear in training and test data" in text
+    # confusion matrices, per-magnification bars, ROC from the file's own labels; no tiles asked for
+    assert len(page.images) == 3
+    assert "sample_tiles=0" in text
+
+
 def test_report_cli_bad_input_is_one_line(tmp_path, capsys):
     code = cli.main(["report", "--out", str(tmp_path / "r"), f"metrics={tmp_path / 'missing.json'}"])
     err = capsys.readouterr().err.strip()
@@ -215,7 +236,8 @@ def test_roc_curve_area_matches_metrics():
     s = np.round(np.clip(0.3 * y + rng.uniform(0, 0.7, 300), 0, 1), 1)  # ties
     fpr, tpr, _ = plots.roc_curve(y, s)
     assert fpr[0] == 0 and tpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == 1
-    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(y, s))
+    area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # trapezoids (ties count one half)
+    assert area == pytest.approx(roc_auc(y, s))
     assert plots.roc_curve([1, 1], [0.2, 0.4])[0].size == 0
 
 

@@ -214,3 +214,21 @@ def test_class_signal_is_learnable_and_patient_split_is_harder():
     assert image_acc - patient_acc >= 0.03  # patients leak across an image split
     assert image_bal - patient_bal >= 0.03
     assert image_acc < 0.97  # not trivial
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+def test_ray_tasks_write_to_object_storage(ray_session, s3_server):
+    from breakhis_ray import storage
+
+    out = s3_server.uri("synthetic-test")
+    cfg = SynthConfig(out=out, patients=8, fraction=0.01, size=(48, 32), grid=False)
+    summary = synthetic.run_synth(cfg)
+    files = storage.list_files(out)
+    masks = [f for f in files if "/masks/" in f]
+    images = [f for f in files if "/BreaKHis_v1/" in f and f not in masks]
+    assert len(images) == summary["images"] == 32 and len(masks) == 2 * len(images)
+    assert all(f.startswith("s3://") for f in files)
+    first = synthetic.load_patients()[synthetic.plan_jobs(cfg)[0].index]
+    assert storage.exists(storage.join(out, first.relative_path(40, 1)))
+    assert json.loads(storage.read_text(storage.join(out, "synth.json")))["images"] == 32

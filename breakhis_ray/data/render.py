@@ -574,10 +574,10 @@ def render_tile(
     uneven = 1 + 0.06 * _noise(rng, shape, 400.0 / u)
     h_map *= uneven
     e_map *= uneven
-    od = h_map[..., None] * np.asarray(patient.h_vector, np.float32) + e_map[..., None] * np.asarray(
-        patient.e_vector, np.float32
-    )
-    rgb = np.asarray(patient.io, np.float32) * np.exp(-od)
-    rgb += rng.standard_normal(rgb.shape, dtype=np.float32) * np.float32(1.8)
-    rgb = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-    return rgb, labels.astype(np.uint16), tissue
+    od = h_map[..., None] * -np.asarray(patient.h_vector, np.float32)
+    od -= e_map[..., None] * np.asarray(patient.e_vector, np.float32)
+    rgb = np.exp(od, out=od)
+    rgb *= np.asarray(patient.io, np.float32)
+    rgb += (rng.standard_normal(shape, dtype=np.float32) * np.float32(1.8) + np.float32(0.5))[..., None]
+    np.clip(rgb, 0, 255, out=rgb)
+    return rgb.astype(np.uint8), labels.astype(np.uint16), tissue

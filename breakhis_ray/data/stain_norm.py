@@ -8,8 +8,8 @@ as ``stain_reference``) and construction from those parameters (:func:`get_norma
   above ``beta``); the plane of the two main eigenvectors; the robust extreme angles (``alpha`` and
   ``100 - alpha`` percentiles) give the H and E vectors (H = the one absorbing more red); concentrations
   by least squares, rescaled so their 99th percentile matches the reference's (by a factor within
-  1/5..5), then recomposed with the reference vectors. Default reference: Macenko's H = (0.5626, 0.7201, 0.4062), E = (0.2159, 0.8012, 0.5581),
-  maximum concentrations (1.9705, 1.0308).
+  1/5..5), then recomposed with the reference vectors. Default reference: Macenko's
+  H = (0.5626, 0.7201, 0.4062), E = (0.2159, 0.8012, 0.5581), maximum concentrations (1.9705, 1.0308).
 * **Reinhard**: per-channel mean and standard deviation of tissue pixels in Ruderman's decorrelated
   ``l-alpha-beta`` space are matched to the reference's. Default reference: the statistics of
   :func:`reference_tile`, a deterministic tile rendered with the Macenko reference stains.

@@ -103,7 +103,7 @@ def split_patients(manifest: "pd.DataFrame", split: SegSplitSection) -> "pd.Seri
     return pd.Series(np.where(groups.isin(val), "val", "train"), index=manifest.index, name="split")
 
 
-def _cap(rows: "pd.DataFrame", max_images: int | None, seed: int) -> "pd.DataFrame":
+def cap_rows(rows: "pd.DataFrame", max_images: int | None, seed: int) -> "pd.DataFrame":
     """At most ``max_images`` rows, spread over patients (round robin over a seeded order)."""
     if max_images is None or len(rows) <= max_images:
         return rows
@@ -137,7 +137,7 @@ def pair_table(source: SegSourceSection, *, masks: bool = True) -> "pd.DataFrame
     if masks:
         mask_root = source.mask_root or default_mask_root(source.root)
         rows["mask_path"] = [mask_uri(p, source.root, mask_root, source.mask_suffix) for p in rows["path"]]
-    parts = [_cap(rows[rows["split"] == s], source.max_images, source.split.seed) for s in SEG_SPLITS]
+    parts = [cap_rows(rows[rows["split"] == s], source.max_images, source.split.seed) for s in SEG_SPLITS]
     rows = pd.concat(parts).sort_values("path", kind="stable").reset_index(drop=True)
     if masks:
         check_masks(rows["mask_path"].tolist(), source.mask_root or default_mask_root(source.root))
@@ -215,7 +215,8 @@ def pseudo_segmenter(method: str, options: dict | None = None):
     return create_segmenter(method, **dict(options or {}))
 
 
-def load_pair(path: str, mask_path: str | None, spec: "PreprocessSpec", segmenter=None) -> tuple[np.ndarray, np.ndarray]:
+def load_pair(path: str, mask_path: str | None, spec: "PreprocessSpec",
+              segmenter=None) -> tuple[np.ndarray, np.ndarray]:
     """One training pair: uint8 image ``spec.size`` (bilinear) and uint8 0/1 mask (nearest).
 
     The mask is read from ``mask_path``, or computed by ``segmenter`` on the full-resolution image.

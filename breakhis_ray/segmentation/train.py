@@ -21,15 +21,18 @@ from breakhis_ray import storage
 from breakhis_ray.config import SegTrainConfig, config_yaml, dump_config, validate_config
 from breakhis_ray.train_common import (
     all_reduce_sums,
+    evaluates_on_this_rank,
     fit,
     is_improvement,
     make_trainer,
     maybe_inject_failure,
+    quiet_data_progress,
     report_epoch,
     restore,
     rng_state,
     seed_everything,
     summarise,
+    write_history,
 )
 
 #: class names stored in the checkpoint (one sigmoid output: nucleus)
@@ -181,7 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from breakhis_ray.checkpoint import save_checkpoint
+    from breakhis_ray.checkpoint import save_checkpoint, unwrap_model
     from breakhis_ray.segmentation.dataset import iter_seg_batches
 
     cfg = validate_config(SegTrainConfig, config)
@@ -202,6 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = restore(ray.train.get_checkpoint(), model, optimizer, scheduler, device) or {}
     start_epoch, history = state.get("epoch", 0), state.get("history", [])
     best, stale = state.get("best"), state.get("stale", 0)
+    resumes = state.get("resumes", 0) + (1 if state else 0)
     if state and rank == 0:
         print(f"[train-segmenter] resumed from checkpoint at epoch {start_epoch}/{cfg.train.epochs}", flush=True)
 
@@ -213,23 +217,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_stats = train_one_epoch(
             model, iter_seg_batches(train_shard, cfg.train.batch_size, device, spec), loss_fn, optimizer, device,
             amp=amp, grad_clip=cfg.train.grad_clip, threshold=threshold, max_steps=cfg.train.max_steps_per_epoch)
-        val_stats = evaluate(model, iter_seg_batches(val_shard, cfg.train.eval_batch_size, device, spec), loss_fn,
-                             device, amp=amp, threshold=threshold)
+        # val is not split: rank 0 scores all of it with the bare module (a DDP forward on one rank alone
+        # would wait on a buffer broadcast); the sums reach every rank through all_reduce_sums
+        val_batches = (iter_seg_batches(val_shard, cfg.train.eval_batch_size, device, spec)
+                       if evaluates_on_this_rank(rank) else [])
+        val_stats = evaluate(unwrap_model(model), val_batches, loss_fn, device, amp=amp, threshold=threshold)
         scheduler.step()
         metrics = epoch_metrics(all_reduce_sums(train_stats, device), all_reduce_sums(val_stats, device), world)
-        metrics.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"])
+        metrics.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], resumes=resumes)
         history.append(metrics)
         score = metrics[cfg.run.checkpoint_metric]
         best, stale = (score, 0) if is_improvement(score, best, cfg.run.checkpoint_mode) else (best, stale + 1)
         stop = cfg.train.early_stopping_patience is not None and stale >= cfg.train.early_stopping_patience
         metrics["early_stopped"] = stop
         if rank == 0:
+            write_history(cfg.run, history)
             print(f"[train-segmenter] epoch {epoch + 1}/{cfg.train.epochs} train_loss={metrics['train_loss']:.4f} "
                   f"train_dice={metrics['train_dice']:.3f} val_loss={metrics['val_loss']:.4f} "
                   f"val_dice={metrics['val_dice']:.3f} val_iou={metrics['val_iou']:.3f} "
                   f"{metrics['train_images_per_s']:.1f} img/s", flush=True)
         train_state = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "rng": rng_state(), "history": history, "best": best, "stale": stale}
+                       "rng": rng_state(), "history": history, "best": best, "stale": stale, "resumes": resumes}
         report_epoch(metrics, rank, lambda d, ts=train_state: save_checkpoint(
             d, model, model_args=model_args, labels=LABELS, preprocessing=spec.to_dict(),
             config=dump_config(cfg), extra_state=ts, metrics=metrics))
@@ -247,6 +255,7 @@ def run_train_segmenter(cfg: SegTrainConfig) -> dict:
     from breakhis_ray.segmentation.dataset import build_seg_datasets, write_split
 
     ensure_ray(cfg.ray)
+    quiet_data_progress(cfg.run.data_progress_bars)
     spec = preprocess_spec(cfg)
     datasets = build_seg_datasets(cfg.data, spec)
     rows = datasets.pop("rows")

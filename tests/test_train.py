@@ -1,0 +1,151 @@
+"""Ray Train classifier training: strategies, learning above chance, fault injection, resume, restart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from breakhis_ray.config import TrainConfig, load_config
+from breakhis_ray.errors import BreakhisError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(tiny_breakhis, tmp_path, *overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, REPO / "jobs/configs/train_tiny.yaml", [
+        f"data.shards={tiny_breakhis['prepared']}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        "data.image_size=[48,72]",
+        "train.epochs=2",
+        "train.batch_size=16",
+        *overrides,
+    ])
+
+
+def _history(summary: dict) -> list[dict]:
+    return json.loads((Path(summary["run_dir"]) / "history.json").read_text())
+
+
+def test_strategy_plan_covers_the_papers_four_strategies_and_warmup(tmp_path):
+    from breakhis_ray.train import strategy_plan
+
+    base = {"data": {"shards": str(tmp_path)}, "model": {"weights": "some.pth"}}
+
+    def plan(strategy, **train):
+        return strategy_plan(TrainConfig.model_validate({**base, "train": {"strategy": strategy, **train}}))
+
+    assert plan("scratch") == (False, 0, False)
+    assert plan("frozen") == (True, None, False)
+    assert plan("finetune") == (True, 0, False)
+    assert plan("finetune_aug") == (True, 0, True)
+    assert plan("warmup_finetune", warmup_epochs=3) == (True, 3, True)
+    no_weights = TrainConfig.model_validate({"data": {"shards": str(tmp_path)}, "train": {"strategy": "frozen"}})
+    assert strategy_plan(no_weights)[0] is False  # nothing to load: the backbone starts random
+
+
+def test_warmup_freezes_then_unfreezes_backbone(tiny_breakhis, tmp_path):
+    from breakhis_ray.train import run_train
+
+    summary = run_train(_cfg(tiny_breakhis, tmp_path, "scaling.num_workers=0", "train.strategy=warmup_finetune",
+                             "train.warmup_epochs=1", "model.weights=null", "run.name=warmup"))
+    history = _history(summary)
+    assert [h["backbone_frozen"] for h in history] == [True, False]
+    assert summary["epochs_completed"] == 2
+
+
+def test_two_worker_ddp_run_learns_above_chance_and_checkpoint_is_self_describing(tiny_breakhis, tmp_path):
+    from breakhis_ray.checkpoint import load_model
+    from breakhis_ray.train import run_train
+
+    cfg = _cfg(tiny_breakhis, tmp_path, "scaling.num_workers=2", "train.epochs=8", "train.lr=0.002",
+               "run.name=ddp")
+    summary = run_train(cfg)
+    history = _history(summary)
+    assert [h["epoch"] for h in history] == list(range(1, 9))
+    assert history[0]["val_images"] == _val_images(tiny_breakhis)  # both ranks' shards counted once
+    # Above chance on a patient-disjoint validation split (~18 patients): balanced accuracy, whose chance
+    # level is 0.5 whatever the class ratio, must clearly beat it at the best epoch.
+    best = max(h["val_balanced_accuracy"] for h in history)
+    assert best >= 0.62, history
+    model, meta = load_model(summary["best_checkpoint"])
+    assert meta["model_args"]["name"] == "tiny_cnn"
+    assert meta["preprocessing"]["size"] == [48, 72]
+    assert meta["labels"] == ["benign", "malignant"]
+
+
+def _val_images(tiny_breakhis) -> int:
+    from breakhis_ray.data.shards import read_shards
+
+    rows = read_shards(str(tiny_breakhis["prepared"]), columns=["split", "augmentation"])
+    return int(((rows["split"] == "val") & rows["augmentation"].isna()).sum())
+
+
+@pytest.mark.parametrize("mode,workers", [("exception", 1), ("kill", 2)])
+def test_injected_failure_resumes_from_last_checkpoint_and_finishes_all_epochs(tiny_breakhis, tmp_path, mode,
+                                                                              workers):
+    from breakhis_ray.train import run_train
+
+    cfg = _cfg(tiny_breakhis, tmp_path, f"scaling.num_workers={workers}", "train.epochs=3",
+               f"run.name=fail-{mode}", "run.max_failures=2",
+               "run.inject_failure.epoch=1", f"run.inject_failure.mode={mode}",
+               f"run.inject_failure.rank={1 if workers == 2 else 0}")
+    summary = run_train(cfg)
+    history = _history(summary)
+    assert [h["epoch"] for h in history] == [1, 2, 3]  # no epoch repeated, none skipped
+    marker = Path(summary["run_dir"]) / ".injected-failure-epoch1"
+    assert marker.exists()
+    # epoch 1 ran before the failure; epochs 2-3 ran after one restore from the epoch-1 checkpoint
+    assert [h["resumes"] for h in history] == [0, 1, 1]
+
+
+def test_restarting_a_finished_run_continues_instead_of_starting_over(tiny_breakhis, tmp_path):
+    from breakhis_ray.train import run_train
+
+    cfg = _cfg(tiny_breakhis, tmp_path, "scaling.num_workers=1", "train.epochs=2", "run.name=restart")
+    first = run_train(cfg)
+    checkpoints = sorted(p.name for p in Path(first["run_dir"]).glob("checkpoint_*"))
+    second = run_train(cfg)
+    assert _history(second) == _history(first)  # nothing retrained
+    assert sorted(p.name for p in Path(first["run_dir"]).glob("checkpoint_*")) == checkpoints
+    # Asking for more epochs on the same run picks up at epoch 3.
+    more = run_train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 3})}))
+    assert [h["epoch"] for h in _history(more)] == [1, 2, 3]
+    assert [h["resumes"] for h in _history(more)] == [0, 0, 1]  # epoch 3 ran after a restore
+
+
+def test_early_stopping_stops_when_metric_stalls(tiny_breakhis, tmp_path):
+    from breakhis_ray.train import run_train
+
+    summary = run_train(_cfg(tiny_breakhis, tmp_path, "scaling.num_workers=0", "train.epochs=6",
+                             "train.lr=1e-9", "train.early_stopping_patience=1", "run.name=early",
+                             "run.checkpoint_metric=val_loss", "run.checkpoint_mode=min"))
+    history = _history(summary)
+    assert len(history) < 6
+    assert history[-1]["early_stopped"] is True
+
+
+def test_missing_shards_is_a_one_line_error(tmp_path):
+    from breakhis_ray.cli import main
+
+    rc = main(["train", "--config", str(REPO / "jobs/configs/train_tiny.yaml"),
+               f"data.shards={tmp_path / 'nothing'}", f"run.storage_path={tmp_path / 'runs'}"])
+    assert rc == 2
+
+
+def test_bad_train_config_key_fails_before_any_work(capsys):
+    from breakhis_ray.cli import main
+
+    rc = main(["train", "--config", str(REPO / "jobs/configs/train_tiny.yaml"), "train.lrr=0.1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "train.lrr" in err[0]
+
+
+def test_training_failure_without_retries_raises_clear_error(tiny_breakhis, tmp_path):
+    from breakhis_ray.train import run_train
+
+    cfg = _cfg(tiny_breakhis, tmp_path, "scaling.num_workers=1", "train.epochs=2", "run.name=nofail",
+               "run.max_failures=0", "run.inject_failure.epoch=0")
+    with pytest.raises(BreakhisError, match="failed"):
+        run_train(cfg)
