@@ -465,6 +465,7 @@ class GuidanceConfig(StrictModel):
 
 class TrainConfig(StrictModel):
     data: "DataConfig"
+    guidance: GuidanceConfig = GuidanceConfig()
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     train: OptimConfig = OptimConfig()
@@ -760,7 +761,7 @@ class DemoConfig(StrictModel):
     size: tuple[int, int] = (350, 230)
     difficulty: float = Field(default=0.5, ge=0.0, le=1.0)
     train_config: str = "jobs/configs/train_tiny.yaml"
-    segmenter_config: str = "jobs/configs/segmenter_tiny.yaml"
+    segmenter_config: str = "jobs/configs/train_segmenter_tiny.yaml"
     train_overrides: list[str] = Field(default_factory=list, description="key=value overrides for training")
     segmenter_overrides: list[str] = Field(default_factory=list)
     infer_segmenter: Literal["unet", "threshold", "watershed"] = "unet"

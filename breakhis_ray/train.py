@@ -50,6 +50,23 @@ def strategy_plan(cfg: TrainConfig) -> tuple[bool, int | None, bool]:
     return pretrained and cfg.model.weights is not None, frozen_epochs, augment
 
 
+def guidance_stages(cfg: TrainConfig, data_cfg) -> dict:
+    """Pipeline hooks for segmentation-guided classification (none when ``guidance.method == none``)."""
+    from breakhis_ray.segmentation.guided import check_in_channels
+
+    check_in_channels(cfg.guidance, cfg.model.in_channels)
+    if cfg.guidance.method == "none":
+        return {}
+    from breakhis_ray.segmentation.dataset import PairAugment
+    from breakhis_ray.segmentation.guided import apply_guidance
+
+    spec = preprocess_spec(cfg)
+    hooks: dict = {"after_decode": lambda ds: apply_guidance(ds, cfg.guidance, spec)}
+    if cfg.guidance.in_channels == 4:  # the mask channel must turn with the image
+        hooks["augment_udf"] = PairAugment(data_cfg.augment, data_cfg.seed, drop_key=False)
+    return hooks
+
+
 def _backbone_frozen(frozen_epochs: int | None, epoch: int) -> bool:
     return frozen_epochs is None or epoch < frozen_epochs
 
@@ -287,7 +304,7 @@ def run_train(cfg: TrainConfig) -> dict:
         print(f"[train] strategy {cfg.train.strategy!r} without model.weights: the backbone starts from random "
               "init (pass model.weights=PATH|s3://...|torchvision for transfer learning)", flush=True)
     data_cfg = cfg.data.model_copy(update={"augment": cfg.data.augment.model_copy(update={"enabled": augment})})
-    datasets = build_datasets(data_cfg)
+    datasets = build_datasets(data_cfg, preprocess_spec(cfg), **guidance_stages(cfg, data_cfg))
     if cfg.loss.name == "weighted_ce" and cfg.loss.class_counts is None:
         cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"class_counts": _class_counts(datasets)})})
     run_dir = storage.join(cfg.run.storage_path, cfg.run.name)

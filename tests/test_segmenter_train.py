@@ -86,7 +86,7 @@ def test_config_rejects_bad_segmentation_settings(tree):
         load_config(SegTrainConfig, values={"data.root": tree, "data.augment.random_resized_crop": True})
     with pytest.raises(ConfigError, match="mask_source"):
         load_config(SegTrainConfig, overrides=[f"data.root={tree}", "data.mask_source=otsu"])
-    cfg = load_config(SegTrainConfig, REPO / "jobs" / "configs" / "segmenter_tiny.yaml", [f"data.root={tree}"])
+    cfg = load_config(SegTrainConfig, REPO / "jobs" / "configs" / "train_segmenter_tiny.yaml", [f"data.root={tree}"])
     assert cfg.run.checkpoint_metric == "val_dice" and cfg.data.image_size[0] % 32 == 0
 
 
@@ -180,7 +180,7 @@ def trained(ray_session, tree, tmp_path_factory) -> dict:
     from breakhis_ray.segmentation.train import run_train_segmenter
 
     runs = str(tmp_path_factory.mktemp("segruns"))
-    cfg = load_config(SegTrainConfig, REPO / "jobs" / "configs" / "segmenter_tiny.yaml", [
+    cfg = load_config(SegTrainConfig, REPO / "jobs" / "configs" / "train_segmenter_tiny.yaml", [
         f"data.root={tree}", f"data.image_size={SIZE}", "data.augment.enabled=false", "data.max_images=null",
         "model.decoder_channels=[32,16,16,8,8]", "train.epochs=3", "train.lr=0.003", "train.batch_size=4",
         f"run.storage_path={runs}", "run.name=unet-test", "scaling.cpus_per_worker=1",

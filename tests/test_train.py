@@ -118,12 +118,13 @@ def test_restarting_a_finished_run_continues_instead_of_starting_over(tiny_break
 def test_early_stopping_stops_when_metric_stalls(tiny_breakhis, tmp_path):
     from breakhis_ray.train import run_train
 
+    # val_images never changes, so it stalls from epoch 2 on: patience 2 stops after epoch 3 of 6.
     summary = run_train(_cfg(tiny_breakhis, tmp_path, "scaling.num_workers=0", "train.epochs=6",
-                             "train.lr=1e-9", "train.early_stopping_patience=1", "run.name=early",
-                             "run.checkpoint_metric=val_loss", "run.checkpoint_mode=min"))
+                             "train.early_stopping_patience=2", "run.name=early",
+                             "run.checkpoint_metric=val_images", "run.checkpoint_mode=max"))
     history = _history(summary)
-    assert len(history) < 6
-    assert history[-1]["early_stopped"] is True
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["early_stopped"] for h in history] == [False, False, True]
 
 
 def test_missing_shards_is_a_one_line_error(tmp_path):
@@ -149,3 +150,24 @@ def test_training_failure_without_retries_raises_clear_error(tiny_breakhis, tmp_
                "run.max_failures=0", "run.inject_failure.epoch=0")
     with pytest.raises(BreakhisError, match="failed"):
         run_train(cfg)
+
+
+@pytest.mark.parametrize("mode,channels", [("channel", 4), ("emphasis", 3)])
+def test_segmentation_guided_training_runs_end_to_end(tiny_breakhis, tmp_path, mode, channels):
+    from breakhis_ray.checkpoint import load_config_dict, load_model
+    from breakhis_ray.train import run_train
+
+    summary = run_train(_cfg(tiny_breakhis, tmp_path, "scaling.num_workers=1", "train.epochs=1",
+                             f"run.name=guided-{mode}", "guidance.method=threshold", f"guidance.mode={mode}",
+                             f"model.in_channels={channels}"))
+    model, meta = load_model(summary["latest_checkpoint"])
+    assert meta["model_args"]["in_channels"] == channels
+    assert load_config_dict(summary["latest_checkpoint"])["guidance"]["method"] == "threshold"
+
+
+def test_guidance_channel_mismatch_is_a_config_error(tiny_breakhis, tmp_path):
+    from breakhis_ray.errors import ConfigError
+    from breakhis_ray.train import run_train
+
+    with pytest.raises(ConfigError, match="4th channel"):
+        run_train(_cfg(tiny_breakhis, tmp_path, "guidance.method=threshold", "guidance.mode=channel"))

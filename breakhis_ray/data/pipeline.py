@@ -24,7 +24,7 @@ The test set is left lazy (read once per evaluation).
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -169,15 +169,27 @@ def _seed_config(seed: int | None):
     return RandomSeedConfig(seed=seed, reseed_after_execution=True)
 
 
-def build_datasets(cfg: DataConfig, spec: PreprocessSpec | None = None) -> dict[str, "ray.data.Dataset"]:
-    """``{"train", "val", "test"}`` datasets of uint8 images (see the module docstring for the stages)."""
+def build_datasets(
+    cfg: DataConfig,
+    spec: PreprocessSpec | None = None,
+    *,
+    after_decode: Callable[[Any], Any] | None = None,
+    augment_udf: Any = None,
+) -> dict[str, "ray.data.Dataset"]:
+    """``{"train", "val", "test"}`` datasets of uint8 images (see the module docstring for the stages).
+
+    ``after_decode`` adds a deterministic stage to every split before ``materialize()`` (segmentation
+    guidance adds a nuclei-mask column there); ``augment_udf`` replaces the random augmentation (one that
+    transforms that mask with the image).
+    """
     spec = spec or preprocess_spec(cfg)
+    after_decode = after_decode or (lambda ds: ds)
     if tuple(spec.size) != tuple(cfg.image_size):
         raise DataError(f"preprocess size {spec.size} differs from data.image_size {cfg.image_size}")
     names = shard_columns(cfg)
     keep = list(cfg.eval_columns)
 
-    train = decode_stage(cfg, read_split(cfg, "train", columns=names), spec, keep=(), with_key=True)
+    train = after_decode(decode_stage(cfg, read_split(cfg, "train", columns=names), spec, keep=(), with_key=True))
     if cfg.shuffle == "blocks":  # small blocks, so a new block order is a real reshuffle
         train = train.repartition(target_num_rows_per_block=cfg.block_rows)
     if cfg.materialize:
@@ -189,7 +201,7 @@ def build_datasets(cfg: DataConfig, spec: PreprocessSpec | None = None) -> dict[
         train = train.random_shuffle(seed=_seed_config(cfg.seed))
     if cfg.augment.enabled:
         train = train.map_batches(
-            RandomAugment(cfg.augment, cfg.seed),
+            augment_udf or RandomAugment(cfg.augment, cfg.seed),
             batch_size=cfg.augment.batch_size,
             batch_format="numpy",
             num_cpus=cfg.augment.num_cpus,
@@ -199,10 +211,12 @@ def build_datasets(cfg: DataConfig, spec: PreprocessSpec | None = None) -> dict[
     if train is not base:
         _BASES[train] = base
 
-    val = decode_stage(cfg, read_split(cfg, "val", keep=keep, columns=names), spec, keep=keep, with_key=False)
+    val = after_decode(decode_stage(cfg, read_split(cfg, "val", keep=keep, columns=names), spec, keep=keep,
+                                    with_key=False))
     if cfg.materialize:
         val = val.materialize()
-    test = decode_stage(cfg, read_split(cfg, "test", keep=keep, columns=names), spec, keep=keep, with_key=False)
+    test = after_decode(decode_stage(cfg, read_split(cfg, "test", keep=keep, columns=names), spec, keep=keep,
+                                     with_key=False))
     return {"train": train, "val": val, "test": test}
 
 
