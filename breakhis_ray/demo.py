@@ -21,6 +21,8 @@ from breakhis_ray.config import (
     ManifestConfig,
     PrepareConfig,
     ReportConfig,
+    SegEvalConfig,
+    SegTrainConfig,
     SplitConfig,
     SynthConfig,
     TrainConfig,
@@ -76,6 +78,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from breakhis_ray.evaluate import run_evaluate
     from breakhis_ray.inference import run_infer
     from breakhis_ray.report import run_report
+    from breakhis_ray.segmentation.evaluate import RESULT_FILE, run_segment_eval
+    from breakhis_ray.segmentation.train import run_train_segmenter
     from breakhis_ray.train import run_train
 
     out = Path(cfg.out).absolute()
@@ -105,8 +109,23 @@ def run_demo(cfg: DemoConfig) -> dict:
         best = summary["best_metrics"] or {}
         print(f"demo: validation (patient split) accuracy={best.get('val_accuracy')} "
               f"balanced_accuracy={best.get('val_balanced_accuracy')} at epoch {best.get('epoch')}", flush=True)
+    with stages.stage("train-segmenter"):
+        seg_cfg = load_config(SegTrainConfig, cfg.segmenter_config, [
+            f"data.root={synth_dir}", f"run.storage_path={out / 'segmenter'}", *cfg.segmenter_overrides])
+        seg_summary = run_train_segmenter(seg_cfg)
+        stages.output("train_segmenter", seg_summary)
+    segment_eval = out / "segment_eval"
+    with stages.stage("segment-eval"):
+        seg_eval = run_segment_eval(SegEvalConfig(
+            root=str(synth_dir), out=str(segment_eval), unet_checkpoint=seg_summary["best_checkpoint"],
+            split_file=seg_summary["split_file"], magnifications=seg_cfg.data.magnifications,
+            max_images=seg_cfg.data.max_images, split=seg_cfg.data.split, mask_root=seg_cfg.data.mask_root,
+            mask_suffix=seg_cfg.data.mask_suffix, ray=cfg.ray))
+        print("demo: nuclei segmentation on held-out patients (Dice / IoU): " + ", ".join(
+            f"{name} {m['dice']:.3f} / {m['iou']:.3f}" for name, m in seg_eval["methods"].items()), flush=True)
+        stages.output("segment_eval", str(segment_eval / RESULT_FILE))
     classifier = summary["best_checkpoint"]
-    segmenter = cfg.infer_segmenter
+    segmenter = seg_summary["best_checkpoint"] if cfg.infer_segmenter == "unet" else cfg.infer_segmenter
     checkpoints = {"classifier": classifier, "segmenter": segmenter}
     (out / "checkpoints.json").write_text(json.dumps(checkpoints, indent=2))
     with stages.stage("infer"):
@@ -117,20 +136,23 @@ def run_demo(cfg: DemoConfig) -> dict:
             "segmenter": segmenter}))
     with stages.stage("evaluate"):
         run_evaluate(load_config(EvaluateConfig, None, [], {
-            "predictions": str(out / "predictions"), "manifest": str(manifest), "out": str(out / "metrics.json")}))
+            "predictions": str(out / "predictions"), "manifest": str(manifest), "out": str(out / "metrics.json"),
+            "splits": str(splits), "fold": [1]}))
     with stages.stage("report"):
         run_report(load_config(ReportConfig, None, [], {
             "out": str(out / "report"), "data_source": "synthetic", "protocol": "patient",
             "manifest": str(manifest), "prepare_summary": str(prepared / "prepare.json"),
             "train_runs": [summary["run_dir"]], "metrics": str(out / "metrics.json"),
             "predictions": str(out / "predictions"), "samples_grid": str(synth_dir / "samples_grid.png"),
-            "configs": [str(out / "demo_config.yaml"), cfg.train_config]}))
+            "segmentation": str(segment_eval / RESULT_FILE),
+            "configs": [str(out / "demo_config.yaml"), cfg.train_config, cfg.segmenter_config]}))
         stages.output("report", str(out / "report" / "report.html"))
 
     print("\n=== demo: outputs ===")
     for key, path in [("synthetic tree", synth_dir), ("samples grid", synth_dir / "samples_grid.png"),
                       ("manifest", manifest), ("splits", splits), ("shards", prepared / "shards"),
-                      ("training run", summary["run_dir"]), ("checkpoints", out / "checkpoints.json"),
+                      ("training run", summary["run_dir"]), ("U-Net run", seg_summary["run_dir"]),
+                      ("segmentation", segment_eval), ("checkpoints", out / "checkpoints.json"),
                       ("predictions", out / "predictions"), ("metrics", out / "metrics.json"),
                       ("report", out / "report" / "report.html")]:
         print(f"  {key:15s} {path}")

@@ -21,6 +21,7 @@ from breakhis_ray.train_common import (
     make_trainer,
     maybe_inject_failure,
     quiet_data_progress,
+    quiet_worker_logs,
     report_epoch,
     restore,
     rng_state,
@@ -218,6 +219,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from breakhis_ray.models import set_backbone_trainable
 
     cfg = validate_config(TrainConfig, config)
+    quiet_worker_logs(cfg.run)
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

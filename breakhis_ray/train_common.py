@@ -32,6 +32,13 @@ def all_reduce_sums(stats: dict[str, float], device) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def quiet_worker_logs(run: RunSection) -> None:
+    """Apply ``run.log_level`` to the worker's root logger: Ray Train logs every report at INFO there."""
+    import logging
+
+    logging.getLogger().setLevel(run.log_level)
+
+
 def seed_everything(seed: int) -> None:
     import torch
 
@@ -169,7 +176,8 @@ def make_trainer(loop: Callable[[dict], None], cfg: StrictModel, scaling: Scalin
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     fs, path = storage.resolve(run.storage_path)
-    env = storage.credential_env()
+    # Train V2 tees a worker's print() into its logger too, so every epoch line reached the driver twice.
+    env = {**storage.credential_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     run_config = ray.train.RunConfig(
         name=run.name,
         storage_path=path,
@@ -180,7 +188,7 @@ def make_trainer(loop: Callable[[dict], None], cfg: StrictModel, scaling: Scalin
             checkpoint_score_attribute=run.checkpoint_metric,
             checkpoint_score_order=run.checkpoint_mode,
         ),
-        worker_runtime_env={"env_vars": env} if env else None,
+        worker_runtime_env={"env_vars": env},
         logging_config=ray.train.LoggingConfig(log_level=run.log_level),
     )
     return TorchTrainer(

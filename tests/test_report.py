@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import subprocess
+import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -262,3 +263,13 @@ def test_report_renders_in_headless_chromium(full_report, tmp_path):
         arr = np.asarray(img.convert("L"), dtype=np.float32)
     assert arr.shape[1] >= 1000
     assert arr.std() > 5.0 and (arr < 128).mean() > 0.005  # not blank: text and figures drawn
+    # the DOM as Chromium built it holds every section and every embedded figure
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run([_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                              "--disable-background-networking", f"--user-data-dir={profile}", "--dump-dom",
+                              (full_report / "report.html").as_uri()],
+                             check=True, timeout=120, capture_output=True, text=True).stdout
+    page = _Page()
+    page.feed(dom)
+    assert page.sections == SECTION_IDS
+    assert len(page.images) == FULL_FIGURES
