@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k manifest"`.
 PYTEST_ARGS ?=
+# Extra bench arguments, e.g. `make bench BENCH_ARGS="--quick --json /tmp/bench.json"`.
+BENCH_ARGS ?=
 
 .PHONY: venv demo test test-fast bench clean-demo
 
@@ -26,7 +28,7 @@ test-fast: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) jobs/bench.py
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) jobs/bench.py $(BENCH_ARGS)
 
 clean-demo:
 	rm -rf runs/demo

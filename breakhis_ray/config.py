@@ -751,6 +751,177 @@ class ReportConfig(StrictModel):
         lambda cls, v: [] if v is None else _one_or_many(v))
 
 
+# ------------------------------------------------------------------------------------- experiments
+GRID_TABLES = ("vgg_tab3", "vgg_fig4", "vgg_tab4", "cancernet_tab1")
+
+
+def _grid_magnifications(value: Any) -> list[int]:
+    mags = _parse_magnifications(value)
+    return list(MAGNIFICATIONS) if mags == "all" else mags
+
+
+class LossTableSection(StrictModel):
+    """VGG paper Tab. 3: one model per loss (cross-entropy, class-weighted cross-entropy, focal)."""
+
+    losses: list[Literal["ce", "weighted_ce", "focal"]] = Field(default_factory=lambda: ["ce", "weighted_ce", "focal"])
+    overrides: list[str] = Field(default_factory=list, description="TrainConfig key=value for this table's runs")
+
+
+class StrategyTableSection(StrictModel):
+    """VGG paper Fig. 4: one model per transfer-learning strategy (they need model.weights to mean anything)."""
+
+    strategies: list[Literal["scratch", "frozen", "finetune", "finetune_aug", "warmup_finetune"]] = Field(
+        default_factory=lambda: ["scratch", "frozen", "finetune", "finetune_aug"])
+    overrides: list[str] = Field(default_factory=list)
+
+
+class MagnificationTableSection(StrictModel):
+    """VGG paper Tab. 4: accuracy per magnification, from one model per magnification
+    (``per_magnification``) or from one magnification-independent model scored per magnification (``shared``)."""
+
+    magnifications: list[int] = Field(default_factory=lambda: list(MAGNIFICATIONS))
+    mode: Literal["per_magnification", "shared"] = "per_magnification"
+    overrides: list[str] = Field(default_factory=list)
+
+    _magnifications = field_validator("magnifications", mode="before")(lambda cls, v: _grid_magnifications(v))
+
+
+class SegmentationTableSection(StrictModel):
+    """CancerNet Table 1: each CNN without and with nuclear segmentation guidance (``unet``, or the classical
+    ``threshold`` / ``watershed``), scored by precision, recall and F1. Defaults follow the paper's training
+    (categorical cross-entropy, Adam at lr 0.001, pixels in [0, 1])."""
+
+    models: list[str] = Field(default_factory=lambda: ["vgg16_bn", "resnet50", "densenet121"])
+    segmentations: list[Literal["none", "threshold", "watershed", "unet"]] = Field(
+        default_factory=lambda: ["none", "unet"])
+    guidance_mode: Literal["channel", "emphasis"] = Field(
+        default="channel", description="channel: the mask as a 4th input channel; emphasis: non-nuclei faded")
+    overrides: list[str] = Field(default_factory=lambda: ["loss.name=ce", "data.scale=unit",
+                                                          "train.optimizer=adam", "train.lr=0.001"])
+
+
+class GridSegmenterSection(StrictModel):
+    """The U-Net behind ``segmentation: unet``: an existing checkpoint, or one trained once for the grid
+    (``breakhis-ray train-segmenter`` on ``root``: ground-truth masks, or pseudo-labels via overrides)."""
+
+    checkpoint: str | None = Field(default=None, description="U-Net checkpoint directory; null: train one")
+    config: str = "jobs/configs/train_segmenter_tiny.yaml"
+    overrides: list[str] = Field(default_factory=list, description="SegTrainConfig key=value overrides")
+
+
+class GridScoringSection(StrictModel):
+    """Scoring of each trial's checkpoint on the test split of its fold (one Ray task per trial)."""
+
+    checkpoint: Literal["best", "latest"] = "best"
+    batch_size: int = Field(default=32, ge=1)
+    num_cpus: float = Field(default=0.5, gt=0.0)
+    num_gpus: float = Field(default=0.0, ge=0.0)
+
+
+class ExperimentsConfig(StrictModel):
+    """``breakhis-ray experiments``: the papers' tables as a Ray Tune grid over Ray Train runs.
+
+    Every (table cell, protocol, fold) becomes a training config: ``base_train_config`` < ``base_overrides``
+    < the table's ``overrides`` < the cell's setting; cells with the same resolved config share one trial.
+    Each protocol gets its own splits and, per fold, its own prepared shards under ``<out>/data``. A re-run
+    with the same ``out`` skips finished stages and trials (``resume``).
+    """
+
+    out: str = Field(description="output directory (local or s3://): grid.json, tables.md, runs, trials, data")
+    root: str | None = Field(default=None, description="BreakHis tree URI or manifest Parquet; "
+                             "default: synthetic.out")
+    synthetic: SynthConfig | None = Field(default=None, validate_default=True,
+                                          description="generate this synthetic BreakHis first (kept when "
+                                          "already there) and use it as root")
+    base_train_config: str = "jobs/configs/train_tiny.yaml"
+    base_overrides: list[str] = Field(default_factory=list, description="TrainConfig key=value for every run")
+    tables: list[Literal["vgg_tab3", "vgg_fig4", "vgg_tab4", "cancernet_tab1"]] = Field(
+        default_factory=lambda: list(GRID_TABLES))
+    split: SplitOptions = Field(default_factory=SplitOptions, description="how folds are made (mode: protocols)")
+    protocols: list[Literal["patient", "official", "image"]] = Field(default_factory=lambda: ["patient", "image"])
+    folds: list[int] = Field(default_factory=lambda: [1], description="folds to run; an int N means 1..N")
+    prepare_overrides: list[str] = Field(default_factory=lambda: ["enhance.enabled=true"],
+                                         description="PrepareConfig key=value for every protocol and fold")
+    vgg_tab3: LossTableSection = Field(default_factory=LossTableSection)
+    vgg_fig4: StrategyTableSection = Field(default_factory=StrategyTableSection)
+    vgg_tab4: MagnificationTableSection = Field(default_factory=MagnificationTableSection)
+    cancernet_tab1: SegmentationTableSection = Field(default_factory=SegmentationTableSection)
+    segmenter: GridSegmenterSection = Field(default_factory=GridSegmenterSection)
+    scaling: ScalingSection | None = Field(default=None, description="Ray Train workers of every trial "
+                                           "(null: the base config's); num_workers >= 1")
+    trial_cpus: float = Field(default=0.1, gt=0.0, description="CPUs held by each trial's driver process "
+                              "(it launches Ray Train and waits; workers get scaling's resources)")
+    max_concurrent_trials: int = Field(default=1, ge=1)
+    trial_retries: int = Field(default=0, ge=0, description="Ray Tune retries of a failed trial")
+    scoring: GridScoringSection = Field(default_factory=GridScoringSection)
+    resume: bool = Field(default=True, description="skip finished stages and trials found in out; false: "
+                         "refuse an out that already holds finished trials")
+    ray: RayConfig = RayConfig()
+
+    @field_validator("synthetic")
+    @classmethod
+    def _one_root(cls, value: SynthConfig | None, info) -> SynthConfig | None:
+        root = info.data.get("root")
+        if root is None and value is None:
+            raise ValueError("set root (a BreakHis tree or manifest Parquet) or synthetic (to generate one)")
+        if root is not None and value is not None and root.rstrip("/") != value.out.rstrip("/"):
+            raise ValueError(f"synthetic.out {value.out!r} differs from root {root!r}: give one of them")
+        return value
+
+    @field_validator("tables", "protocols")
+    @classmethod
+    def _distinct(cls, value: list) -> list:
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"must be a non-empty list without repeats, got {value}")
+        return value
+
+    @field_validator("split")
+    @classmethod
+    def _mode_from_protocols(cls, value: SplitOptions) -> SplitOptions:
+        if value.mode != "patient":  # the default; dumped configs carry it
+            raise ValueError("split.mode is set per protocol: list the protocols in `protocols` instead")
+        return value
+
+    @field_validator("protocols")
+    @classmethod
+    def _official_needs_folds_file(cls, value: list[str], info) -> list[str]:
+        split = info.data.get("split")
+        if "official" in value and split is not None and not split.folds_file:
+            raise ValueError("protocol 'official' needs split.folds_file (dsfoldN.txt or Folds.csv)")
+        return value
+
+    @field_validator("folds", mode="before")
+    @classmethod
+    def _fold_count(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return list(range(1, value + 1))
+        return value
+
+    @field_validator("folds")
+    @classmethod
+    def _folds_in_split(cls, value: list[int], info) -> list[int]:
+        split = info.data.get("split")
+        n = split.folds if split is not None else None
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"must be a non-empty list without repeats, got {value}")
+        if n is not None and any(not 1 <= f <= n for f in value):
+            raise ValueError(f"folds must lie in 1..split.folds={n}, got {value}")
+        return value
+
+    @field_validator("scaling")
+    @classmethod
+    def _workers(cls, value: ScalingSection | None) -> ScalingSection | None:
+        if value is not None and value.num_workers < 1:
+            raise ValueError("must have num_workers >= 1 in a grid: Ray Train's in-process mode (0) does not run "
+                             "inside a Ray Tune trial and persists no checkpoint to score")
+        return value
+
+    @property
+    def tree_root(self) -> str:
+        """The BreakHis tree or manifest the grid reads (``root``, else ``synthetic.out``)."""
+        return self.root if self.root is not None else self.synthetic.out
+
+
 # -------------------------------------------------------------------------------------------- demo
 class DemoConfig(StrictModel):
     """``make demo``: synth -> manifest -> split -> prepare -> train -> U-Net -> infer -> evaluate -> report."""
@@ -768,3 +939,119 @@ class DemoConfig(StrictModel):
     ray: RayConfig = RayConfig()
 
     _size = field_validator("size", mode="before")(lambda cls, v: parse_size(v))
+
+
+# ------------------------------------------------------------------------------------------- bench
+class BenchIngestSection(StrictModel):
+    """Ingest: Ray Data over Parquet shards vs a torch ``DataLoader`` over the loose PNGs vs PIL decode."""
+
+    enabled: bool = True
+    n_images: int = Field(default=480, ge=8, description="about this many synthetic 700x460 images")
+    source: Literal["synthetic", "random"] = Field(default="synthetic", description="synthetic BreakHis tiles "
+                                                   "(run_synth + prepare), or smooth random PNGs (faster to make)")
+    size: int = Field(default=224, ge=8, description="square side every image is resized to")
+    batch_size: int = Field(default=32, ge=1)
+    workers: int | None = Field(default=None, ge=0, description="DataLoader workers; null: the cores")
+    decode_num_cpus: float = Field(default=0.5, gt=0.0, description="as DataConfig (what training uses)")
+    decode_batch_size: int = Field(default=32, ge=1, description="as DataConfig (what training uses)")
+
+
+class BenchTrainSection(StrictModel):
+    """Training step: Ray Train ``TorchTrainer`` (1 worker) vs a plain PyTorch loop; ``scale_workers`` vs 1."""
+
+    enabled: bool = True
+    models: list[str] = Field(default=["tiny_cnn", "resnet18"], min_length=1,
+                              description="create_model names, random init; the first gives the headline ratio")
+    image_size: int = Field(default=96, ge=8)
+    batch_size: int = Field(default=32, ge=1)
+    warmup_steps: int = Field(default=5, ge=0, description="steps not timed (allocator, caches, prefetch)")
+    warmup_s: float = Field(default=5.0, ge=0.0, description="Ray Train sides warm up at least this long (in steps "
+                            "of the plain loop's step time): Ray Train's helper actors start during the first seconds")
+    steps: int = Field(default=30, ge=1, description="timed steps per side")
+    torch_threads: int = Field(default=1, ge=1, description="torch threads of the plain loop and of each worker")
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    scale_workers: int = Field(default=2, ge=0, description="also run this many workers against 1 (0 or 1: skip)")
+    use_gpu: bool | None = Field(default=None, description="null: when torch sees a CUDA device")
+
+
+class BenchInferenceSection(StrictModel):
+    """Batch inference: pipeline vs the raw model on pre-decoded tensors; peak memory at N vs ``scale`` x N."""
+
+    enabled: bool = True
+    n_images: int = Field(default=40, ge=2)
+    scale: int = Field(default=10, ge=2)
+    image_size: tuple[int, int] = Field(default=(460, 700), description="(H, W) of the synthetic PNG tiles")
+    classifier: str = "tiny_cnn"
+    input_size: int = Field(default=224, ge=8)
+    segment_size: int = Field(default=256, ge=32, description="U-Net input side (multiple of 32)")
+    batch_size: int = Field(default=16, ge=1)
+    num_cpus: float = Field(default=0.5, gt=0.0, description="CPUs per Predictor actor")
+    num_gpus: float | None = Field(default=None, ge=0.0, description="GPUs per actor; null: 1 with CUDA, else 0")
+    concurrency: int = Field(default=1, ge=1)
+    decode_num_cpus: float = Field(default=0.5, gt=0.0)
+    decode_batch_size: int = Field(default=16, ge=1, description="as InferConfig")
+    profile: bool = Field(default=True, description="cProfile one raw Predictor pass per mode and one more "
+                          "classifier pipeline pass at scale x N for Ray Data's per-operator statistics")
+
+    _image_size = field_validator("image_size", mode="before")(lambda cls, v: _parse_hw(v))
+
+    @field_validator("segment_size")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"segment_size must be a multiple of 32, got {value}")
+        return value
+
+
+class BenchSynthSection(StrictModel):
+    """Synthetic generation: ``run_synth`` with Ray tasks vs the same task function in one process."""
+
+    enabled: bool = True
+    fraction: float = Field(default=0.1, gt=0.0, le=1.0)
+    patients: int | None = Field(default=24, ge=2, le=82)
+    size: tuple[int, int] = (700, 460)
+    masks: bool = True
+    task_cpus: float = Field(default=0.5, gt=0.0)
+
+    _size = field_validator("size", mode="before")(lambda cls, v: parse_size(v))
+
+
+#: What ``quick: true`` changes; any value given explicitly (YAML, flag, override) still wins.
+BENCH_QUICK: dict[str, dict[str, Any]] = {
+    "ingest": {"n_images": 240},
+    "train": {"models": ["tiny_cnn"], "steps": 25},
+    "inference": {"n_images": 16},
+    "synth": {"fraction": 0.15, "patients": 8},
+}
+
+
+class BenchConfig(StrictModel):
+    """``breakhis-ray bench``: ingest, training step, batch inference and synthetic generation, measured side
+    by side in one run; prints a table of ratios and writes ``json_out`` with a profile beside it."""
+
+    quick: bool = Field(default=False, description="smaller sizes (BENCH_QUICK): about 5 minutes on 2 CPU cores")
+    json_out: str = Field(default="runs/bench/bench.json",
+                          description="results JSON; <stem>.profile.txt (table + profile) is written beside it")
+    workdir: str | None = Field(default=None, description="scratch data; null: a temporary folder, removed after")
+    seed: int = 0
+    ray_worker_niceness: int | None = Field(
+        default=0, ge=0, le=19, description="niceness of the workers of a local Ray the bench starts. Ray's "
+        "default (15) yields CPU to every other process, which on a shared machine slows only the Ray side of "
+        "each ratio (the baselines run at 0 in the driver); null: Ray's default")
+    ingest: BenchIngestSection = BenchIngestSection()
+    train: BenchTrainSection = BenchTrainSection()
+    inference: BenchInferenceSection = BenchInferenceSection()
+    synth: BenchSynthSection = BenchSynthSection()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _quick_sizes(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("quick"):
+            return data
+        data = dict(data)
+        for section, sizes in BENCH_QUICK.items():
+            given = data.get(section) or {}
+            if isinstance(given, dict):
+                data[section] = {**sizes, **given}
+        return data

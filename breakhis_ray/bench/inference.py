@@ -1,0 +1,364 @@
+"""Batch-inference benchmark: the Ray Data pipeline against the bare model, and its memory at N vs 10N images.
+
+Measured in one run, on the same images, the same checkpoints and the same batch size:
+
+* ``raw_forward``: the classifier's forward pass alone on pre-decoded uint8 tensors (normalisation on the
+  device included), with the torch thread count one Predictor actor uses;
+* ``raw_predictor``: :class:`breakhis_ray.inference.Predictor` called directly on pre-decoded batches (the
+  whole model stage without Ray or decode: segmentation + nuclear features + classifier + output table);
+* ``decode_1core``: read-free decode + resize of the encoded images on one core, the CPU-side limit;
+* ``pipeline``: :func:`breakhis_ray.inference.run_infer` end to end (listing, decode tasks, Predictor actors,
+  Parquet parts) at ``N`` and ``scale * N`` images; ``marginal_images_per_s`` = the extra images over the
+  extra seconds, which removes the fixed start-up (actor start, model load);
+* ``peak_rss``: the largest sum of resident memory over the driver and every process it started (raylet,
+  Ray workers, actors), sampled every ``sample_interval`` seconds during each pipeline run; the target is
+  ``peak(scale * N) / peak(N) <= 1.3`` (streaming: memory must not grow with the number of images).
+
+Derived per mode: ``raw_images_per_s`` (the raw forward for the classifier alone, the raw Predictor for
+U-Net + classifier), ``ratio_vs_raw`` = steady pipeline rate (the marginal rate, else the ``scale * N``
+rate) / raw, and ``attainable_images_per_s``: what the machine allows when decode and the model share the
+cores (on CPU: ``min(raw x concurrency, cores / (decode s/img + model s/img x torch threads))``; with GPUs:
+``min(raw x concurrency, decode limit)``), with ``ratio_vs_attainable``.
+
+Each is done for the classifier alone and for U-Net + classifier. Images are synthetic H&E-like tiles at the
+BreakHis size (700x460 PNG) unless ``image_size`` says otherwise; models have random weights.
+
+Usage: ``python benchmarks/inference.py --n-images 40 [--json results.json]``. With ``profile``, a
+cProfile of the raw Predictor pass (where the model stage's time goes) is returned under ``profile``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from breakhis_ray.bench.memory import PeakSampler, process_tree_rss
+from breakhis_ray.config import InferConfig, validate_config
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _tissue(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """An H&E-like tile: pink stroma, purple nuclei, pixel noise (so PNG decode costs what real tiles do)."""
+    img = np.empty((height, width, 3), dtype=np.float32)
+    img[:] = (232, 168, 198)
+    n = max(8, height * width // 1500)
+    cy, cx = rng.integers(0, height, n), rng.integers(0, width, n)
+    radius = rng.uniform(3, 8, n)
+    yy, xx = np.mgrid[:height, :width]
+    for y, x, r in zip(cy, cx, radius):
+        y0, y1, x0, x1 = max(0, y - 9), min(height, y + 9), max(0, x - 9), min(width, x + 9)
+        blob = (yy[y0:y1, x0:x1] - y) ** 2 + (xx[y0:y1, x0:x1] - x) ** 2 <= r * r
+        img[y0:y1, x0:x1][blob] = (72, 42, 128)
+    img += rng.normal(0, 9, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_images(root: Path, count: int, image_size: tuple[int, int], distinct: int = 16, seed: int = 0) -> list[str]:
+    """``count`` PNG files (``distinct`` different tiles, repeated under different names)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    encoded = []
+    for _ in range(min(distinct, count)):
+        buf = io.BytesIO()
+        Image.fromarray(_tissue(rng, *image_size)).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    paths = []
+    for i in range(count):
+        path = root / f"{i // 1000:03d}" / f"tile-{i:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encoded[i % len(encoded)])
+        paths.append(str(path))
+    return paths
+
+
+def write_checkpoints(work: Path, classifier: str, input_size: int, segment_size: int) -> tuple[str, str]:
+    import torch
+
+    from breakhis_ray.checkpoint import save_checkpoint
+    from breakhis_ray.models import create_model, create_unet
+
+    torch.manual_seed(0)
+    clf = create_model(classifier, num_classes=2)
+    save_checkpoint(str(work / "classifier"), clf, preprocessing={"size": [input_size, input_size]})
+    unet = create_unet(encoder="resnet18", classes=1)
+    save_checkpoint(str(work / "unet"), unet, preprocessing={"size": [segment_size, segment_size]})
+    return str(work / "classifier"), str(work / "unet")
+
+
+# ----------------------------------------------------------------------------------------- baselines
+def _rate(count: int, seconds: float) -> float:
+    return round(count / seconds, 2) if seconds > 0 else float("inf")
+
+
+def profile_text(func, top: int = 18) -> str:
+    """Run ``func()`` under cProfile; the ``top`` functions by cumulative time, as text."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        func()
+    finally:
+        profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).strip_dirs().sort_stats("cumulative").print_stats(top)
+    return out.getvalue().strip()
+
+
+def raw_baselines(classifier: str, segmenter: str | None, encoded: list[bytes], batch_size: int,
+                  threads: int, profile: bool = False) -> dict[str, Any]:
+    """Model-stage throughput on pre-decoded batches, in this process, with ``threads`` torch threads
+    (``profile``: also a cProfile of one more, untimed, Predictor pass under ``profile``)."""
+    import torch
+
+    from breakhis_ray.data.transforms import normalize
+    from breakhis_ray.inference import Predictor
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        predictor = Predictor.from_checkpoint(classifier, segmenter, torch_threads=threads)
+        batch = predictor.decode(encoded)  # not timed: decode happens in the CPU stage
+        n = len(encoded)
+        batches = [{k: v[i:i + batch_size] for k, v in batch.items()} for i in range(0, n, batch_size)]
+        predictor(batches[0])  # warm-up
+        start = time.perf_counter()
+        for b in batches:
+            predictor(b)
+        predictor_s = time.perf_counter() - start
+        out = {"raw_predictor_images_per_s": _rate(n, predictor_s)}
+        if profile:
+            out["profile"] = profile_text(lambda: [predictor(b) for b in batches])
+        if segmenter is None:
+            with torch.inference_mode():
+                tensors = [torch.from_numpy(b["_image"]) for b in batches]
+                predictor.model(normalize(tensors[0], predictor.spec))
+                start = time.perf_counter()
+                for x in tensors:
+                    predictor.model(normalize(x.to(predictor.device), predictor.spec))
+                forward_s = time.perf_counter() - start
+            out["raw_forward_images_per_s"] = _rate(n, forward_s)
+        return out
+    finally:
+        torch.set_num_threads(previous)
+
+
+def decode_rate(encoded: list[bytes], preprocessing: dict, segment_size) -> float:
+    """Images per second for decode + resize (+ segmenter copy) on one core, bytes already in memory."""
+    from breakhis_ray.data.transforms import PreprocessSpec
+    from breakhis_ray.inference import decode_for_models
+
+    spec = PreprocessSpec.from_dict(preprocessing)
+    start = time.perf_counter()
+    for data in encoded:
+        decode_for_models(data, spec, segment_size, max_pixels=10**9)
+    return _rate(len(encoded), time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+def pipeline_run(cfg_values: dict, sample_interval: float) -> dict[str, Any]:
+    from breakhis_ray.inference import run_infer
+
+    cfg = validate_config(InferConfig, cfg_values)
+    before = process_tree_rss()
+    with PeakSampler(sample_interval) as sampler:
+        start = time.perf_counter()
+        summary = run_infer(cfg)
+        seconds = time.perf_counter() - start
+    if summary["total"] != summary["ok"] or not summary["complete"]:
+        raise RuntimeError(f"benchmark run did not predict every image: {summary}")
+    return {
+        "images": summary["total"],
+        "seconds": round(seconds, 2),
+        "images_per_s": _rate(summary["total"], seconds),
+        "rss_before_mb": round(before / 2**20, 1),
+        "peak_rss_mb": round(sampler.peak / 2**20, 1),
+    }
+
+
+def pipeline_stats(cfg_values: dict) -> str:
+    """One pass over the dataset :func:`breakhis_ray.inference.run_infer` builds (``build_dataset``), without
+    writing parts; returns Ray Data's per-operator statistics (where the pipeline's time goes)."""
+    from breakhis_ray.inference import build_dataset, new_run_id, plan_inputs, resolve_sizes
+
+    cfg = validate_config(InferConfig, cfg_values)
+    plan = plan_inputs(cfg)
+    preprocessing, segment_size = resolve_sizes(cfg.classifier, cfg.segmenter, cfg.segment_size)
+    ds = build_dataset(cfg, plan, list(range(plan.n_chunks)), preprocessing, segment_size, new_run_id())
+    start = time.perf_counter()
+    rows = sum(batch.num_rows for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    seconds = time.perf_counter() - start
+    return f"{rows} images in {seconds:.1f} s ({_rate(rows, seconds)} img/s)\n{ds.stats()}"
+
+
+def run_inference_benchmark(
+    n_images: int = 40,
+    *,
+    scale: int = 10,
+    image_size: tuple[int, int] = (460, 700),
+    classifier: str = "tiny_cnn",
+    input_size: int = 224,
+    segment_size: int = 256,
+    batch_size: int = 16,
+    num_cpus: float = 0.5,
+    num_gpus: float = 0.0,
+    concurrency: int = 1,
+    decode_num_cpus: float = 0.5,
+    decode_batch_size: int = 16,
+    workdir: str | None = None,
+    sample_interval: float = 0.1,
+    profile: bool = False,
+) -> dict[str, Any]:
+    """Pipeline vs raw model throughput and peak memory at ``n_images`` and ``scale * n_images``.
+
+    ``image_size`` is (H, W) of the synthetic PNGs; ``classifier`` any ``create_model`` name (random
+    weights) at ``input_size``; the U-Net (resnet18 encoder) sees ``segment_size`` squares.
+    Returns a JSON-safe dict (see the module docstring for every number); ``profile``: each mode also
+    holds a cProfile text of its raw Predictor pass under ``profile``, and ``pipeline_stats`` holds Ray
+    Data's statistics of one more (untimed) classifier pipeline pass over the ``scale * N`` images.
+    """
+    from breakhis_ray.config import RayConfig
+    from breakhis_ray.ray_utils import cpu_count, ensure_ray
+
+    work = Path(workdir or tempfile.mkdtemp(prefix="bench-infer-"))
+    work.mkdir(parents=True, exist_ok=True)
+    big = n_images * scale
+    paths = write_images(work / "images_big", big, image_size)
+    small_root = work / "images_small"
+    for p in paths[:n_images]:
+        dst = small_root / Path(p).relative_to(work / "images_big")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            os.link(p, dst)
+    clf_ckpt, unet_ckpt = write_checkpoints(work, classifier, input_size, segment_size)
+    encoded = [Path(p).read_bytes() for p in paths[:n_images]]
+    threads = max(1, round(num_cpus))
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    ensure_ray(RayConfig(num_cpus=cpu_count()))
+
+    results: dict[str, Any] = {
+        "n_images": n_images,
+        "scale": scale,
+        "image_size_hw": list(image_size),
+        "classifier_model": classifier,
+        "input_size": input_size,
+        "segment_size": segment_size,
+        "batch_size": batch_size,
+        "actor": {"concurrency": concurrency, "num_cpus": num_cpus, "num_gpus": num_gpus, "torch_threads": threads},
+        "decode_num_cpus": decode_num_cpus,
+        "decode_batch_size": decode_batch_size,
+        "cores": cpu_count(),
+        "workdir": str(work),
+    }
+    from breakhis_ray.inference import resolve_sizes
+
+    # One unmeasured run first: the first Ray Data execution of a process pays one-time costs (worker
+    # pool start, imports in the driver) that would otherwise land on whichever run comes first.
+    pipeline_run({"input": str(small_root), "out": str(work / f"out-{stamp}-warmup"), "classifier": clf_ckpt,
+                  "num_cpus": num_cpus, "num_gpus": num_gpus, "decode_num_cpus": decode_num_cpus}, sample_interval)
+    for mode, segmenter in (("classifier", None), ("unet_classifier", unet_ckpt)):
+        prep, seg_size = resolve_sizes(clf_ckpt, segmenter)
+        entry: dict[str, Any] = {"decode_1core_images_per_s": decode_rate(encoded, prep, seg_size)}
+        entry["decode_limit_images_per_s"] = round(entry["decode_1core_images_per_s"] * results["cores"], 2)
+        entry.update(raw_baselines(clf_ckpt, segmenter, encoded, batch_size, threads, profile=profile))
+        for label, root, count in (("n", small_root, n_images), ("scale_n", work / "images_big", big)):
+            values = {
+                "input": str(root), "out": str(work / f"out-{stamp}-{mode}-{label}"), "classifier": clf_ckpt,
+                "segmenter": segmenter, "chunk_size": max(8, count // 8), "batch_size": batch_size,
+                "num_cpus": num_cpus, "num_gpus": num_gpus, "concurrency": concurrency,
+                "decode_num_cpus": decode_num_cpus, "decode_batch_size": decode_batch_size,
+            }
+            entry[f"pipeline_{label}"] = pipeline_run(values, sample_interval)
+            if profile and mode == "classifier" and label == "scale_n":
+                results["pipeline_stats"] = pipeline_stats({**values, "out": values["out"] + "-stats"})
+        small, large = entry["pipeline_n"], entry["pipeline_scale_n"]
+        extra_s = large["seconds"] - small["seconds"]
+        entry["marginal_images_per_s"] = _rate(big - n_images, extra_s) if extra_s > 0 else None
+        raw = entry["raw_predictor_images_per_s"]
+        entry["pipeline_vs_raw_predictor"] = round(large["images_per_s"] / raw, 3)
+        if entry["marginal_images_per_s"]:
+            entry["marginal_vs_raw_predictor"] = round(entry["marginal_images_per_s"] / raw, 3)
+        entry["peak_rss_ratio"] = round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)
+        entry["peak_rss_ratio_ok"] = entry["peak_rss_ratio"] <= 1.3
+        entry.update(derived_ratios(entry, results["cores"], threads, concurrency, num_gpus))
+        results[mode] = entry
+    return results
+
+
+def derived_ratios(entry: dict[str, Any], cores: int, threads: int, concurrency: int,
+                   num_gpus: float) -> dict[str, Any]:
+    """Raw reference, steady pipeline rate and the machine's attainable rate (see the module docstring)."""
+    raw_kind = "raw_forward" if "raw_forward_images_per_s" in entry else "raw_predictor"
+    raw = entry[f"{raw_kind}_images_per_s"]
+    steady = entry["marginal_images_per_s"] or entry["pipeline_scale_n"]["images_per_s"]
+    decode_1core = entry["decode_1core_images_per_s"]
+    model_rate = entry["raw_predictor_images_per_s"] * concurrency
+    if num_gpus:
+        attainable = min(model_rate, decode_1core * cores)
+    else:
+        core_seconds = 1.0 / decode_1core + threads / entry["raw_predictor_images_per_s"]
+        attainable = min(model_rate, cores / core_seconds)
+    return {
+        "raw_kind": raw_kind,
+        "raw_images_per_s": raw,
+        "steady_images_per_s": steady,
+        "ratio_vs_raw": round(steady / raw, 3),
+        "ratio_vs_raw_end_to_end": round(entry["pipeline_scale_n"]["images_per_s"] / raw, 3),
+        "attainable_images_per_s": round(attainable, 2),
+        "ratio_vs_attainable": round(steady / attainable, 3),
+    }
+
+
+def format_table(results: dict) -> str:
+    rows = []
+    for mode in ("classifier", "unet_classifier"):
+        e = results[mode]
+        rows.append(
+            f"{mode:16s} raw_forward={e.get('raw_forward_images_per_s', '-')!s:>8} "
+            f"raw_predictor={e['raw_predictor_images_per_s']:>8} decode_1core={e['decode_1core_images_per_s']:>7} "
+            f"pipeline N={e['pipeline_n']['images_per_s']:>6} {results['scale']}N="
+            f"{e['pipeline_scale_n']['images_per_s']:>6} marginal={e['marginal_images_per_s']!s:>6} img/s | "
+            f"peak RSS N={e['pipeline_n']['peak_rss_mb']:.0f} MB {results['scale']}N="
+            f"{e['pipeline_scale_n']['peak_rss_mb']:.0f} MB ratio={e['peak_rss_ratio']}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-images", type=int, default=40)
+    parser.add_argument("--scale", type=int, default=10)
+    parser.add_argument("--classifier", default="tiny_cnn")
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--segment-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-gpus", type=float, default=0.0)
+    parser.add_argument("--num-cpus", type=float, default=0.5)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--json", dest="json_out", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    results = run_inference_benchmark(
+        args.n_images, scale=args.scale, classifier=args.classifier, input_size=args.input_size,
+        segment_size=args.segment_size, batch_size=args.batch_size, num_gpus=args.num_gpus,
+        num_cpus=args.num_cpus, workdir=args.workdir)
+    print(format_table(results))
+    text = json.dumps(results, indent=2)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""``breakhis-ray bench``: config presets, the step timer, target verdicts, and one tiny end-to-end run that
+checks the JSON contract (structure and finite positive numbers, never speed: timings are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from breakhis_ray.config import BenchConfig, dump_config, load_config, validate_config
+from breakhis_ray.errors import BreakhisError, ConfigError
+
+# Sizes that make every section run in seconds (structure only; the numbers mean nothing).
+TINY = [
+    "ingest.n_images=16", "ingest.batch_size=8", "ingest.source=random",
+    "train.models=[tiny_cnn]", "train.image_size=32", "train.batch_size=8", "train.steps=3", "train.warmup_steps=1",
+    "train.warmup_s=0", "train.scale_workers=0",  # the 2-worker TorchTrainer start-up alone is ~20 s
+    "inference.n_images=4", "inference.scale=2", "inference.input_size=32", "inference.segment_size=64",
+    "inference.image_size=[92,140]", "inference.batch_size=4",
+    "synth.patients=2", "synth.fraction=0.0001", "synth.size=140x92",
+]
+CONTRACT = [
+    ("ingest", "ratio_vs_dataloader"), ("train", "ratio_ray_vs_plain"), ("inference", "ratio_vs_raw"),
+    ("inference", "memory_ratio_10x"), ("synth", "ratio_ray_vs_single"),
+]
+
+
+def test_quick_presets_fill_sizes_but_explicit_values_win():
+    cfg = load_config(BenchConfig, None, ["ingest.n_images=50"], {"quick": True})
+    assert cfg.ingest.n_images == 50
+    assert cfg.train.models == ["tiny_cnn"] and cfg.synth.patients == 8
+    assert validate_config(BenchConfig, dump_config(cfg)) == cfg  # workers' round trip is lossless
+    assert BenchConfig().train.models == ["tiny_cnn", "resnet18"]
+
+
+def test_bench_config_rejects_typos_and_bad_sizes():
+    with pytest.raises(ConfigError, match="unknown config key 'train.stepz'"):
+        load_config(BenchConfig, None, ["train.stepz=3"])
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        load_config(BenchConfig, None, ["inference.segment_size=100"])
+
+
+def test_step_timer_times_only_the_steps_after_warmup():
+    from breakhis_ray.bench.train import StepTimer
+
+    batches = [(None, [0] * 4)] * 10
+    timer = StepTimer(batches, warmup=2, steps=5)
+    assert len(list(timer)) == 7
+    stats = timer.result()
+    assert stats["samples"] == 20 and stats["seconds"] > 0
+    assert math.isclose(stats["step_ms"], stats["data_ms"] + stats["compute_ms"], rel_tol=1e-6)
+    with pytest.raises(BreakhisError, match="ran out after 3 batches"):
+        list(StepTimer(batches[:3], warmup=2, steps=5))
+
+
+def test_targets_say_met_or_by_how_much_they_are_missed():
+    from breakhis_ray.bench.table import evaluate_targets
+
+    results = {"train": {"ratio_ray_vs_plain": 0.72},
+               "inference": {"classifier": {"ratio_vs_raw": 0.9, "peak_rss_ratio": 1.5}}}
+    targets = evaluate_targets(results)
+    assert targets["train_ray_vs_plain"] == {"ratio": 0.72, "op": ">=", "target": 0.9, "met": False, "off_pct": 20.0}
+    assert targets["inference_classifier_vs_raw"]["met"] is True
+    assert targets["inference_classifier_memory_10x"]["met"] is False
+    assert "ingest_shards_vs_dataloader" not in targets  # sections that did not run have no verdict
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_tiny_bench_run_writes_the_json_contract_and_a_profile(ray_session, tmp_path, capsys):
+    from breakhis_ray.bench import run_bench
+
+    out = tmp_path / "bench.json"
+    cfg = load_config(BenchConfig, None, TINY, {"json_out": str(out), "workdir": str(tmp_path / "work")})
+    results = run_bench(cfg)
+    saved = json.loads(out.read_text())
+    assert saved["machine"]["cores"] >= 1 and saved["machine"]["torch"] and saved["machine"]["ray"]
+    for section, key in CONTRACT:
+        value = saved[section][key]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (section, key, value)
+    assert all(v > 0 and math.isfinite(v) for v in saved["ingest"]["images_per_s"].values())
+    assert set(saved["targets"]) >= {"train_ray_vs_plain", "inference_unet_classifier_memory_10x"}
+    assert saved == json.loads(json.dumps(results))
+    profile = (tmp_path / "bench.profile.txt").read_text()
+    assert "time per step" in profile and "cProfile" in profile and "Ray Data statistics" in profile
+    printed = capsys.readouterr().out
+    assert "TorchTrainer 1 worker vs plain loop" in printed and "verdict" in printed
