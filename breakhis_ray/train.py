@@ -11,23 +11,18 @@ import time
 from typing import Any
 
 from breakhis_ray import storage
-from breakhis_ray.config import TrainConfig, config_yaml, dump_config, validate_config
+from breakhis_ray.config import TrainConfig, config_yaml
 from breakhis_ray.train_common import (
+    LoopState,
     all_reduce_sums,
     evaluates_on_this_rank,
+    finish_epoch,
     fit,
-    is_improvement,
-    latest_checkpoint,
     make_trainer,
     maybe_inject_failure,
     quiet_data_progress,
-    quiet_worker_logs,
-    report_epoch,
-    restore,
-    rng_state,
-    seed_everything,
+    start_worker,
     summarise,
-    write_history,
 )
 
 LABELS = ["benign", "malignant"]
@@ -211,42 +206,28 @@ def epoch_metrics(train: dict, val: dict, world_size: int) -> dict[str, float]:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
-    import torch
 
-    from breakhis_ray.checkpoint import save_checkpoint, unwrap_model
+    from breakhis_ray.checkpoint import unwrap_model
     from breakhis_ray.data.pipeline import iter_train_batches
     from breakhis_ray.losses import create_loss
     from breakhis_ray.models import set_backbone_trainable
 
-    cfg = validate_config(TrainConfig, config)
-    quiet_worker_logs(cfg.run)
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    seed_everything(cfg.train.seed + rank)
-    device = ray.train.torch.get_device()
-    amp = cfg.train.amp and device.type == "cuda"
-
+    cfg, rank, world, device, amp = start_worker(TrainConfig, config)
     _, frozen_epochs, _ = strategy_plan(cfg)
     model = build_model(cfg)
     spec = preprocess_spec(cfg)
-    model_args = dict(model.model_args)
+    save_kwargs = {"model_args": dict(model.model_args), "labels": LABELS, "preprocessing": spec.to_dict()}
     set_backbone_trainable(model, not _backbone_frozen(frozen_epochs, 0))
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizer, scheduler = build_optimizer(cfg, model)
     loss_fn = create_loss(cfg.loss.name, class_counts=cfg.loss.class_counts, alpha=cfg.loss.alpha,
                           gamma=cfg.loss.gamma, label_smoothing=cfg.loss.label_smoothing).to(device)
-
-    state = restore(latest_checkpoint(cfg.run, ray.train.get_checkpoint()), model, optimizer, scheduler, device) or {}
-    start_epoch, history = state.get("epoch", 0), state.get("history", [])
-    best, stale = state.get("best"), state.get("stale", 0)
-    resumes = state.get("resumes", 0) + (1 if state else 0)
-    if state and rank == 0:
-        print(f"[train] resumed from checkpoint at epoch {start_epoch}/{cfg.train.epochs}", flush=True)
+    loop = LoopState.resume(cfg.run, model, optimizer, scheduler, device, rank=rank, tag="train",
+                            epochs=cfg.train.epochs)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(loop.epoch, cfg.train.epochs):
         maybe_inject_failure(cfg.run, epoch, rank)
         frozen = _backbone_frozen(frozen_epochs, epoch)
         set_backbone_trainable(model, not frozen)
@@ -260,29 +241,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val_stats = evaluate(unwrap_model(model), val_batches, loss_fn, device, amp=amp)
         scheduler.step()
         metrics = epoch_metrics(all_reduce_sums(train_stats, device), all_reduce_sums(val_stats, device), world)
-        metrics.update(epoch=epoch + 1, backbone_frozen=frozen, lr=optimizer.param_groups[-1]["lr"], resumes=resumes)
-        history.append(metrics)
-        score = metrics[cfg.run.checkpoint_metric]
-        best, stale = (score, 0) if is_improvement(score, best, cfg.run.checkpoint_mode) else (best, stale + 1)
-        stop = cfg.train.early_stopping_patience is not None and stale >= cfg.train.early_stopping_patience
-        metrics["early_stopped"] = stop
-        if rank == 0:
-            write_history(cfg.run, history)
-            print(f"[train] epoch {epoch + 1}/{cfg.train.epochs} train_loss={metrics['train_loss']:.4f} "
-                  f"train_acc={metrics['train_accuracy']:.3f} val_loss={metrics['val_loss']:.4f} "
-                  f"val_acc={metrics['val_accuracy']:.3f} val_bal_acc={metrics['val_balanced_accuracy']:.3f} "
-                  f"{metrics['train_images_per_s']:.1f} img/s{' (backbone frozen)' if frozen else ''}",
-                  flush=True)
-        train_state = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "rng": rng_state(), "history": history, "best": best, "stale": stale,
-                       "resumes": resumes}
-        report_epoch(metrics, rank, lambda d, ts=train_state: save_checkpoint(
-            d, model, model_args=model_args, labels=LABELS, preprocessing=spec.to_dict(),
-            config=dump_config(cfg), extra_state=ts, metrics=metrics))
-        if stop:
-            if rank == 0:
-                print(f"[train] early stopping: no {cfg.run.checkpoint_metric} improvement for {stale} epochs",
-                      flush=True)
+        metrics.update(epoch=epoch + 1, backbone_frozen=frozen, lr=optimizer.param_groups[-1]["lr"])
+        line = (f"train_loss={metrics['train_loss']:.4f} train_acc={metrics['train_accuracy']:.3f} "
+                f"val_loss={metrics['val_loss']:.4f} val_acc={metrics['val_accuracy']:.3f} "
+                f"val_bal_acc={metrics['val_balanced_accuracy']:.3f} {metrics['train_images_per_s']:.1f} img/s"
+                f"{' (backbone frozen)' if frozen else ''}")
+        if finish_epoch(loop, metrics, cfg=cfg, rank=rank, tag="train", line=line, model=model, optimizer=optimizer,
+                        scheduler=scheduler, save_kwargs=save_kwargs):
             break
 
 

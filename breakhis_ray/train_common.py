@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import random
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 from breakhis_ray import storage
-from breakhis_ray.config import RunSection, ScalingSection, StrictModel, dump_config
+from breakhis_ray.config import RunSection, ScalingSection, StrictModel, dump_config, validate_config
 from breakhis_ray.errors import BreakhisError
 
 
@@ -37,6 +38,88 @@ def quiet_worker_logs(run: RunSection) -> None:
     import logging
 
     logging.getLogger().setLevel(run.log_level)
+
+
+def start_worker(cls: type[StrictModel], config: dict[str, Any]):
+    """The common start of a train loop: ``(cfg, rank, world_size, device, amp)``.
+
+    Re-validates the dumped config, applies its log level, pins the torch thread count (a reused Ray worker
+    keeps the count of its first task), seeds every generator per rank and picks the device Ray assigned.
+    """
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    cfg = validate_config(cls, config)
+    quiet_worker_logs(cfg.run)
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    seed_everything(cfg.train.seed + rank)
+    device = ray.train.torch.get_device()
+    return cfg, rank, world, device, bool(cfg.train.amp and device.type == "cuda")
+
+
+@dataclass
+class LoopState:
+    """What a run carries across epochs and restarts: next epoch, history, best score, stale epochs, resumes."""
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: float | None = None
+    stale: int = 0
+    resumes: int = 0
+
+    @classmethod
+    def resume(cls, run: RunSection, model, optimizer, scheduler, device, *, rank: int, tag: str,
+               epochs: int) -> "LoopState":
+        """Restore the latest checkpoint of ``run`` (weights, optimiser, scheduler, RNG) into the objects given."""
+        import ray.train
+
+        state = restore(latest_checkpoint(run, ray.train.get_checkpoint()), model, optimizer, scheduler, device)
+        if not state:
+            return cls()
+        loop = cls(epoch=state.get("epoch", 0), history=state.get("history", []), best=state.get("best"),
+                   stale=state.get("stale", 0), resumes=state.get("resumes", 0) + 1)
+        if rank == 0:
+            print(f"[{tag}] resumed from checkpoint at epoch {loop.epoch}/{epochs}", flush=True)
+        return loop
+
+    def record(self, metrics: dict, run: RunSection, patience: int | None) -> bool:
+        """Add one epoch's metrics (``epoch`` and ``resumes`` included); True when early stopping says stop."""
+        metrics["resumes"] = self.resumes
+        self.epoch = int(metrics["epoch"])
+        self.history.append(metrics)
+        score = metrics[run.checkpoint_metric]
+        if is_improvement(score, self.best, run.checkpoint_mode):
+            self.best, self.stale = score, 0
+        else:
+            self.stale += 1
+        metrics["early_stopped"] = patience is not None and self.stale >= patience
+        return metrics["early_stopped"]
+
+    def train_state(self, optimizer, scheduler) -> dict:
+        return {"epoch": self.epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state(), "history": self.history, "best": self.best, "stale": self.stale,
+                "resumes": self.resumes}
+
+
+def finish_epoch(loop: LoopState, metrics: dict, *, cfg, rank: int, tag: str, line: str, model, optimizer,
+                 scheduler, save_kwargs: dict) -> bool:
+    """Record, log (rank 0), report with a checkpoint and decide early stopping; True: stop training."""
+    from breakhis_ray.checkpoint import save_checkpoint
+
+    stop = loop.record(metrics, cfg.run, cfg.train.early_stopping_patience)
+    if rank == 0:
+        write_history(cfg.run, loop.history)
+        print(f"[{tag}] epoch {loop.epoch}/{cfg.train.epochs} {line}", flush=True)
+    train_state = loop.train_state(optimizer, scheduler)
+    report_epoch(metrics, rank, lambda d: save_checkpoint(d, model, config=dump_config(cfg), extra_state=train_state,
+                                                          metrics=metrics, **save_kwargs))
+    if stop and rank == 0:
+        print(f"[{tag}] early stopping: no {cfg.run.checkpoint_metric} improvement for {loop.stale} epochs",
+              flush=True)
+    return stop
 
 
 def seed_everything(seed: int) -> None:

@@ -18,22 +18,18 @@ from typing import Any
 import numpy as np
 
 from breakhis_ray import storage
-from breakhis_ray.config import SegTrainConfig, config_yaml, dump_config, validate_config
+from breakhis_ray.config import SegTrainConfig, config_yaml
 from breakhis_ray.train_common import (
+    LoopState,
     all_reduce_sums,
     evaluates_on_this_rank,
+    finish_epoch,
     fit,
-    is_improvement,
     make_trainer,
     maybe_inject_failure,
     quiet_data_progress,
-    quiet_worker_logs,
-    report_epoch,
-    restore,
-    rng_state,
-    seed_everything,
+    start_worker,
     summarise,
-    write_history,
 )
 
 #: class names stored in the checkpoint (one sigmoid output: nucleus)
@@ -183,38 +179,24 @@ def epoch_metrics(train: dict, val: dict, world_size: int) -> dict[str, float]:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
-    import torch
 
-    from breakhis_ray.checkpoint import save_checkpoint, unwrap_model
+    from breakhis_ray.checkpoint import unwrap_model
     from breakhis_ray.segmentation.dataset import iter_seg_batches
 
-    cfg = validate_config(SegTrainConfig, config)
-    quiet_worker_logs(cfg.run)
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    seed_everything(cfg.train.seed + rank)
-    device = ray.train.torch.get_device()
-    amp = cfg.train.amp and device.type == "cuda"
-
+    cfg, rank, world, device, amp = start_worker(SegTrainConfig, config)
     model = build_model(cfg)
-    model_args = dict(model.model_args)
     spec = preprocess_spec(cfg)
+    save_kwargs = {"model_args": dict(model.model_args), "labels": LABELS, "preprocessing": spec.to_dict()}
     model = ray.train.torch.prepare_model(model)
     optimizer, scheduler = build_optimizer(cfg, model)
     loss_fn = build_loss(cfg).to(device)
-
-    state = restore(ray.train.get_checkpoint(), model, optimizer, scheduler, device) or {}
-    start_epoch, history = state.get("epoch", 0), state.get("history", [])
-    best, stale = state.get("best"), state.get("stale", 0)
-    resumes = state.get("resumes", 0) + (1 if state else 0)
-    if state and rank == 0:
-        print(f"[train-segmenter] resumed from checkpoint at epoch {start_epoch}/{cfg.train.epochs}", flush=True)
+    loop = LoopState.resume(cfg.run, model, optimizer, scheduler, device, rank=rank, tag="train-segmenter",
+                            epochs=cfg.train.epochs)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     threshold = cfg.train.threshold
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(loop.epoch, cfg.train.epochs):
         maybe_inject_failure(cfg.run, epoch, rank)
         train_stats = train_one_epoch(
             model, iter_seg_batches(train_shard, cfg.train.batch_size, device, spec), loss_fn, optimizer, device,
@@ -226,27 +208,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val_stats = evaluate(unwrap_model(model), val_batches, loss_fn, device, amp=amp, threshold=threshold)
         scheduler.step()
         metrics = epoch_metrics(all_reduce_sums(train_stats, device), all_reduce_sums(val_stats, device), world)
-        metrics.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], resumes=resumes)
-        history.append(metrics)
-        score = metrics[cfg.run.checkpoint_metric]
-        best, stale = (score, 0) if is_improvement(score, best, cfg.run.checkpoint_mode) else (best, stale + 1)
-        stop = cfg.train.early_stopping_patience is not None and stale >= cfg.train.early_stopping_patience
-        metrics["early_stopped"] = stop
-        if rank == 0:
-            write_history(cfg.run, history)
-            print(f"[train-segmenter] epoch {epoch + 1}/{cfg.train.epochs} train_loss={metrics['train_loss']:.4f} "
-                  f"train_dice={metrics['train_dice']:.3f} val_loss={metrics['val_loss']:.4f} "
-                  f"val_dice={metrics['val_dice']:.3f} val_iou={metrics['val_iou']:.3f} "
-                  f"{metrics['train_images_per_s']:.1f} img/s", flush=True)
-        train_state = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "rng": rng_state(), "history": history, "best": best, "stale": stale, "resumes": resumes}
-        report_epoch(metrics, rank, lambda d, ts=train_state: save_checkpoint(
-            d, model, model_args=model_args, labels=LABELS, preprocessing=spec.to_dict(),
-            config=dump_config(cfg), extra_state=ts, metrics=metrics))
-        if stop:
-            if rank == 0:
-                print(f"[train-segmenter] early stopping: no {cfg.run.checkpoint_metric} improvement for "
-                      f"{stale} epochs", flush=True)
+        metrics.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"])
+        line = (f"train_loss={metrics['train_loss']:.4f} train_dice={metrics['train_dice']:.3f} "
+                f"val_loss={metrics['val_loss']:.4f} val_dice={metrics['val_dice']:.3f} "
+                f"val_iou={metrics['val_iou']:.3f} {metrics['train_images_per_s']:.1f} img/s")
+        if finish_epoch(loop, metrics, cfg=cfg, rank=rank, tag="train-segmenter", line=line, model=model,
+                        optimizer=optimizer, scheduler=scheduler, save_kwargs=save_kwargs):
             break
 
 
