@@ -86,6 +86,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from breakhis_ray import storage
+from breakhis_ray.allocator import MODEL_PROCESS_ENV
 from breakhis_ray.config import InferConfig, config_yaml
 from breakhis_ray.errors import BreakhisError, ConfigError, DataError, StorageError
 
@@ -896,7 +897,8 @@ def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], prep
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus or None,
-        runtime_env=runtime_env,
+        # model processes keep freed memory (breakhis_ray.allocator): no page faults on every batch
+        runtime_env={"env_vars": {**env, **MODEL_PROCESS_ENV}},
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from breakhis_ray import storage
+from breakhis_ray.allocator import MODEL_PROCESS_ENV
 from breakhis_ray.config import RunSection, ScalingSection, StrictModel, dump_config, validate_config
 from breakhis_ray.errors import BreakhisError
 
@@ -260,7 +261,8 @@ def make_trainer(loop: Callable[[dict], None], cfg: StrictModel, scaling: Scalin
         resources["GPU"] = scaling.gpus_per_worker
     fs, path = storage.resolve(run.storage_path)
     # Train V2 tees a worker's print() into its logger too, so every epoch line reached the driver twice.
-    env = {**storage.credential_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    # Workers keep freed memory (breakhis_ray.allocator): CPU steps otherwise re-fault activations every batch.
+    env = {**storage.credential_env(), **MODEL_PROCESS_ENV, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     run_config = ray.train.RunConfig(
         name=run.name,
         storage_path=path,

@@ -87,3 +87,20 @@ def test_tiny_bench_run_writes_the_json_contract_and_a_profile(ray_session, tmp_
     assert "time per step" in profile and "cProfile" in profile and "Ray Data statistics" in profile
     printed = capsys.readouterr().out
     assert "TorchTrainer 1 worker vs plain loop" in printed and "verdict" in printed
+
+
+def test_others_cpu_counts_this_runs_short_lived_processes_as_ours():
+    """Children that burn a core and exit inside the window are this run's work, not other processes' load."""
+    import subprocess
+    import sys
+    import time
+
+    from breakhis_ray.bench.memory import OthersCpu
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass"
+    with OthersCpu(interval=0.05) as others:
+        for _ in range(2):
+            child = subprocess.Popen([sys.executable, "-c", burn])
+            while child.poll() is None:
+                time.sleep(0.01)
+    assert others.cores is not None and others.cores < 0.3, others.cores

@@ -214,7 +214,7 @@ def run_inference_benchmark(
     num_cpus: float = 0.5,
     num_gpus: float = 0.0,
     concurrency: int = 1,
-    decode_num_cpus: float = 0.5,
+    decode_num_cpus: float = 1.0,
     decode_batch_size: int = 16,
     workdir: str | None = None,
     sample_interval: float = 0.1,

@@ -49,19 +49,6 @@ def _tree(root: int | None = None) -> list[int]:
     return pids
 
 
-def process_tree_cpu_seconds(root: int | None = None) -> float:
-    """CPU seconds (user + system, reaped children included) of ``root`` and its living descendants."""
-    ticks, hz = 0, os.sysconf("SC_CLK_TCK")
-    for pid in _tree(root):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().decode(errors="replace").rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
-    return ticks / hz
-
-
 def machine_cpu_seconds() -> float | None:
     """Busy CPU seconds of the whole machine since boot, all cores (``/proc/stat``), or None."""
     try:
@@ -73,22 +60,59 @@ def machine_cpu_seconds() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def _tree_cpu_ticks(root: int | None = None) -> dict[int, int]:
+    """Own CPU ticks (user + system, children excluded) of each living process of the tree."""
+    ticks = {}
+    for pid in _tree(root):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().decode(errors="replace").rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks[pid] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
 class OthersCpu:
     """Context manager: average cores busy with processes outside this process tree while it was open
-    (``cores``; None off Linux). Processes of this tree that ended unreaped are counted as others'."""
+    (``cores``; None off Linux).
+
+    The tree's own CPU time is sampled per process every ``interval`` seconds, so short-lived workers of this
+    run (Ray Train workers, DataLoader workers, decode tasks' processes) count as ours even after they exit;
+    at most one interval of each exited process's time is missed (and counted as others').
+    """
+
+    def __init__(self, interval: float = 0.25):
+        self.interval = interval
+        self.cores = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        self._last.update(_tree_cpu_ticks())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
 
     def __enter__(self) -> "OthersCpu":
-        self.cores = None
-        self._start = (time.perf_counter(), machine_cpu_seconds(), process_tree_cpu_seconds())
+        self._first = _tree_cpu_ticks()
+        self._last = dict(self._first)
+        self._start = (time.perf_counter(), machine_cpu_seconds())
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        wall0, busy0, own0 = self._start
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        wall0, busy0 = self._start
         busy = machine_cpu_seconds()
         if busy is None or busy0 is None:
             return
+        own = sum(t - self._first.get(pid, 0) for pid, t in self._last.items()) / os.sysconf("SC_CLK_TCK")
         wall = max(time.perf_counter() - wall0, 1e-9)
-        self.cores = round(max(0.0, (busy - busy0) - (process_tree_cpu_seconds() - own0)) / wall, 2)
+        self.cores = round(max(0.0, (busy - busy0) - own) / wall, 2)
 
 
 class PeakSampler:
