@@ -41,6 +41,9 @@ class RayConfig(StrictModel):
 
     address: str | None = None
     num_cpus: int | None = Field(default=None, ge=1, description="only for a local instance we start")
+    dashboard: bool = Field(default=True, description="a local instance we start serves Ray's dashboard on "
+                            "127.0.0.1 (it also answers the state API that Ray Train's placement-group cleaner "
+                            "polls; without it that cleaner logs a warning every few seconds)")
 
 
 # ------------------------------------------------------------------------------------------- synth

@@ -29,7 +29,8 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
+                 **kwargs)
 
 
 def cpu_count() -> int:
