@@ -1,4 +1,10 @@
-"""Shared fixtures: one local Ray instance per test session, paths to ../shared reference data."""
+"""Shared fixtures: one local Ray instance per test session, paths to ../shared reference data.
+
+Tests never write into the user's home: before anything else runs, ``HOME`` (and the caches that live below it:
+XDG, matplotlib, torch hub) point into a private temporary directory, so e.g. Ray's ``~/.ray/auth_token`` lands
+there. Under ``CI=true`` a missing optional input (shared reference data, the KubeRay CRD schemas, a browser) fails
+instead of skipping: :func:`skip_or_fail`.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +16,37 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+#: The user's real home, before the session redirects ``HOME`` (tests check that it stays untouched).
+REAL_HOME = os.environ.get("HOME", "")
+_FAKE_HOME = Path(tempfile.mkdtemp(prefix="brtest-home-"))
+for _var, _path in (("HOME", _FAKE_HOME), ("XDG_CACHE_HOME", _FAKE_HOME / ".cache"),
+                    ("XDG_CONFIG_HOME", _FAKE_HOME / ".config"), ("MPLCONFIGDIR", _FAKE_HOME / ".config/matplotlib"),
+                    ("TORCH_HOME", _FAKE_HOME / ".cache/torch")):
+    os.environ[_var] = str(_path)
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip locally; under ``CI=true`` fail, so coverage cannot silently vanish as skips in CI."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: required)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def fake_home() -> Path:
+    return _FAKE_HOME
 
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """The reference folder beside the checkout; tests that need it skip cleanly without it."""
+    """The reference folder beside the checkout; tests that need it skip cleanly without it (fail in CI)."""
     if not (SHARED / "breakhis" / "breakhis_v1_paths.txt").is_file():
-        pytest.skip("../shared/breakhis reference data not present")
+        skip_or_fail("../shared/breakhis reference data not present")
     return SHARED
 
 

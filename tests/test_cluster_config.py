@@ -3,7 +3,9 @@
 - ``ray_cluster.yaml`` passes Ray's own cluster-launcher validation (the first thing ``ray up`` does; offline),
   and broken copies fail with a clear message.
 - The KubeRay manifests validate against the RayCluster/RayJob CRD schemas (``../shared/kuberay``; skipped
-  when absent), with unknown fields rejected as ``kubectl apply --validate=strict`` would.
+  when absent, failed under ``CI=true``), with unknown fields rejected as ``kubectl apply --validate=strict`` would.
+- KubeRay security: token authentication from a Secret on every cluster, S3 credentials only from Secrets
+  (``envFrom``), RayJob submitters authenticated, and a NetworkPolicy that admits only what must reach the head.
 - Both agree with the package: entry points and configs exist and validate (overrides included), one Ray
   version everywhere (= the installed Ray's major.minor), GPUs enough for the configs' workers/actors, S3 by
   IAM role (no keys), no public dashboard, and a ``ray job submit`` upload far below Ray's 100 MiB limit.
@@ -26,6 +28,7 @@ import pytest
 import yaml
 
 import ray
+from conftest import skip_or_fail
 from breakhis_ray import config as config_module
 from breakhis_ray.cli import COMMANDS
 
@@ -36,6 +39,10 @@ RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
 README = REPO / "cluster" / "README.md"
 KUBERAY = REPO / "cluster" / "kuberay"
 MANIFESTS = {name: KUBERAY / name for name in ("raycluster.yaml", "rayjob-train.yaml", "rayjob-infer.yaml")}
+NETWORK_POLICY = KUBERAY / "networkpolicy.yaml"
+AUTH_SECRET = "breakhis-ray-auth"
+POD_LABEL = ("app.kubernetes.io/name", "breakhis-ray")
+SUBMITTER_LABEL = ("app.kubernetes.io/component", "breakhis-ray-submitter")
 CRDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 IMAGE_RE = re.compile(r"^rayproject/ray:(?P<version>\d+\.\d+\.\d+)-(?P<py>py3\d+)-gpu$")
 KEY_PATTERNS = re.compile(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|"
@@ -218,7 +225,7 @@ def crd_validator(kind: str, api_version: str):
 
     path = SHARED_KUBERAY / CRDS[kind]
     if not path.is_file():
-        pytest.skip(f"KubeRay CRD schema {path} not present (../shared/kuberay)")
+        skip_or_fail(f"KubeRay CRD schema {path} not present (../shared/kuberay)")
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     group = crd["spec"]["group"]
     for version in crd["spec"]["versions"]:
@@ -439,3 +446,103 @@ def test_readme_job_submissions_are_runnable():
         check_job_command(entry, f"README `{line[:60]}...`")
         stages.add(Path(entry[1]).stem)
     assert {"prepare", "train", "infer"} <= stages, f"README job submissions cover {sorted(stages)}"
+
+
+# ------------------------------------------------------------------------------------- KubeRay security
+def _containers(name: str):
+    for doc in manifest_docs(name):
+        for group, template in pod_templates(ray_cluster_spec(doc)):
+            for container in template["spec"]["containers"]:
+                yield f"{name}/{group}", template, container
+
+
+@pytest.mark.parametrize("name", list(MANIFESTS))
+def test_kuberay_clusters_require_a_token_from_a_secret(name):
+    for doc in manifest_docs(name):
+        auth = ray_cluster_spec(doc).get("authOptions") or {}
+        assert auth.get("mode") == "token", f"{name}: authOptions.mode must be token"
+        assert auth.get("secretName") == AUTH_SECRET, f"{name}: the token comes from Secret {AUTH_SECRET}"
+    for doc in manifest_docs(name):
+        for node in _walk(doc):
+            if isinstance(node, dict) and node.get("name") == "RAY_AUTH_TOKEN":
+                assert "value" not in node, f"{name}: a token value must never be written into a manifest"
+
+
+def _walk(node):
+    yield node
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    for child in children:
+        yield from _walk(child)
+
+
+@pytest.mark.parametrize("name", list(MANIFESTS))
+def test_kuberay_s3_credentials_only_from_secrets(name):
+    for where, template, container in _containers(name):
+        refs = [src.get("secretRef", {}) for src in container.get("envFrom", [])]
+        assert {"name": "breakhis-s3", "optional": True} in refs, f"{where}: S3 keys via envFrom Secret (optional)"
+        for env in container.get("env", []):
+            assert "value" not in env or not KEY_PATTERNS.search(env["name"]), f"{where}: literal {env['name']}"
+        assert tuple(template["metadata"]["labels"].items()) >= (POD_LABEL,) or \
+            template["metadata"]["labels"].get(POD_LABEL[0]) == POD_LABEL[1], f"{where}: NetworkPolicy label"
+
+
+@pytest.mark.parametrize("name", ["rayjob-train.yaml", "rayjob-infer.yaml"])
+def test_rayjob_submitter_authenticates_and_is_admitted(name):
+    (doc,) = manifest_docs(name)
+    template = doc["spec"]["submitterPodTemplate"]
+    assert template["metadata"]["labels"].get(SUBMITTER_LABEL[0]) == SUBMITTER_LABEL[1]
+    assert POD_LABEL[0] not in template["metadata"]["labels"], "the submitter must not get Ray-internal access"
+    (container,) = template["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": AUTH_SECRET, "key": "auth_token"}
+
+
+def _policy() -> dict:
+    (doc,) = [d for d in yaml.safe_load_all(NETWORK_POLICY.read_text()) if d]
+    assert (doc["apiVersion"], doc["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    return doc
+
+
+def _admitted_ports(policy: dict, peer_labels: dict, peer_in_same_namespace: bool = True) -> set | str:
+    """Ports of the selected pods that a peer with ``peer_labels`` may reach: a set, or "all"."""
+    ports: set = set()
+    for rule in policy["spec"].get("ingress", []):
+        for peer in rule.get("from", []):
+            if "ipBlock" in peer:
+                raise AssertionError("no ipBlock peers: pod networking only")
+            if "namespaceSelector" not in peer and not peer_in_same_namespace:
+                continue
+            want = peer.get("podSelector", {}).get("matchLabels", {})
+            if "namespaceSelector" in peer and not peer.get("podSelector"):
+                raise AssertionError("a namespaceSelector alone admits every pod of those namespaces")
+            if all(peer_labels.get(k) == v for k, v in want.items()):
+                if not rule.get("ports"):
+                    return "all"
+                ports |= {p["port"] for p in rule["ports"]}
+    return ports
+
+
+def test_network_policy_selects_every_ray_pod_and_denies_by_default():
+    policy = _policy()
+    assert policy["spec"]["podSelector"]["matchLabels"] == dict([POD_LABEL])
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    for name in MANIFESTS:
+        for where, template, _ in _containers(name):
+            assert template["metadata"]["labels"].get(POD_LABEL[0]) == POD_LABEL[1], f"{where}: not selected"
+
+
+def test_network_policy_admits_only_what_must_reach_the_head():
+    policy = _policy()
+    assert _admitted_ports(policy, dict([POD_LABEL])) == "all", "Ray pods talk to each other on any port"
+    assert _admitted_ports(policy, dict([SUBMITTER_LABEL])) == {8265}
+    assert _admitted_ports(policy, {"app.kubernetes.io/name": "kuberay-operator"}, False) == {8265}
+    for stranger in ({}, {"app": "web"}, {"app.kubernetes.io/name": "other"}):
+        assert _admitted_ports(policy, stranger) == set(), f"{stranger} must reach nothing (6379, 8265, 10001)"
+        assert _admitted_ports(policy, stranger, False) == set()
+
+
+def test_network_policy_checker_catches_an_open_rule():
+    policy = copy.deepcopy(_policy())
+    policy["spec"]["ingress"].append({"from": [{"podSelector": {}}], "ports": [{"port": 6379}]})
+    assert _admitted_ports(policy, {"app": "web"}) == {6379}
