@@ -1,15 +1,14 @@
 """Batch-inference benchmark: the Ray Data pipeline against the bare model, and its memory at N vs 10N images.
 
-The measuring code lives in :mod:`breakhis_ray.bench.inference` (it is part of ``breakhis-ray bench``); this
-script runs that section alone: ``python benchmarks/inference.py --help``.
+The measuring code is :mod:`breakhis_ray.bench.inference`; this runs the ``inference`` section of ``breakhis-ray bench``
+alone, with the same config (``BenchConfig``), flags and overrides::
+
+    python benchmarks/inference.py [--config FILE] [--quick] [--json FILE] [inference.KEY=VALUE ...]
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from breakhis_ray.bench.inference import main  # noqa: E402
+from _one_section import run_section
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_section("inference"))

@@ -1,15 +1,14 @@
 """Ingest benchmark: Parquet shards + Ray Data against a torch DataLoader over loose PNGs, in one run.
 
-The measuring code lives in :mod:`breakhis_ray.bench.ingest` (it is part of ``breakhis-ray bench``); this
-script runs that section alone: ``python benchmarks/ingest.py --help``.
+The measuring code is :mod:`breakhis_ray.bench.ingest`; this runs the ``ingest`` section of ``breakhis-ray bench``
+alone, with the same config (``BenchConfig``), flags and overrides::
+
+    python benchmarks/ingest.py [--config FILE] [--quick] [--json FILE] [ingest.KEY=VALUE ...]
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from breakhis_ray.bench.ingest import main  # noqa: E402
+from _one_section import run_section
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_section("ingest"))

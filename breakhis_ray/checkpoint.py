@@ -32,6 +32,7 @@ import yaml
 from torch import nn
 
 from breakhis_ray import storage
+from breakhis_ray.domain import LABELS
 from breakhis_ray.errors import BreakhisError, StorageError
 
 FORMAT = "breakhis-ray-checkpoint"
@@ -40,7 +41,6 @@ MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"
 TRAIN_STATE_FILE = "train_state.pt"
-DEFAULT_LABELS = ("benign", "malignant")
 _PREFIXES = ("module.", "_orig_mod.")
 _REQUIRED_PREPROCESSING = ("size", "mean", "std", "scale")
 
@@ -57,18 +57,21 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def strip_wrapper_prefixes(key: str) -> str:
+    """A state-dict key without the ``module.`` (DDP / DataParallel) and ``_orig_mod.`` (compile) prefixes."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
 def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU copy of a state dict with ``module.``/``_orig_mod.`` prefixes stripped."""
-    out = {}
-    for key, value in state.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        out[key] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
-    return out
+    return {strip_wrapper_prefixes(key): value.detach().cpu() if isinstance(value, torch.Tensor) else value
+            for key, value in state.items()}
 
 
 def _to_safe(obj: Any) -> Any:
@@ -111,7 +114,7 @@ def save_checkpoint(
     model: nn.Module,
     *,
     model_args: Mapping[str, Any] | None = None,
-    labels: Sequence[str] = DEFAULT_LABELS,
+    labels: Sequence[str] = LABELS,
     preprocessing: Mapping[str, Any],
     config: Any = None,
     extra_state: Mapping[str, Any] | None = None,
@@ -277,7 +280,6 @@ def load_config_dict(dir_or_uri: str) -> dict | None:
 
 
 __all__ = [
-    "DEFAULT_LABELS",
     "FORMAT_VERSION",
     "clean_state_dict",
     "load_config_dict",
@@ -286,5 +288,6 @@ __all__ = [
     "load_train_state",
     "read_meta",
     "save_checkpoint",
+    "strip_wrapper_prefixes",
     "unwrap_model",
 ]

@@ -3,16 +3,30 @@
 Every subcommand takes ``--config FILE`` and trailing ``key.sub=value`` overrides; flags are shorthands
 for config keys. Bad input prints one line (``error: ...``) and exits 2. Heavy modules are imported
 only when their subcommand runs.
+
+Logging: library modules log through ``logging.getLogger(__name__)``; the CLI sends the ``breakhis_ray``
+loggers' records at ``--log-level`` (else ``$BREAKHIS_LOG_LEVEL``, else INFO) to stdout as plain text, which
+is where the stage summaries a person reads appear. Other libraries' loggers stay at Python's default
+(WARNING). Errors for a person (``error: ...``) go to stderr.
+
+Relative local paths, given or defaulted (``demo --out`` is ``runs/demo``, ``bench --json`` is
+``runs/bench/bench.json``), are relative to the directory the command runs in.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 from dataclasses import dataclass, field
 
 from breakhis_ray.errors import BreakhisError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_LEVEL_ENV = "BREAKHIS_LOG_LEVEL"
+PACKAGE_LOGGER = "breakhis_ray"
 
 
 @dataclass(frozen=True)
@@ -88,13 +102,13 @@ COMMANDS: tuple[Command, ...] = (
         "train",
         "train a classifier with Ray Train (TorchTrainer, DDP, checkpoints, resume)",
         "TrainConfig",
-        "breakhis_ray.train:run_train",
+        "breakhis_ray.train.classifier:run_train",
     ),
     Command(
         "train-segmenter",
         "train a U-Net segmenter with Ray Train on ground-truth, user or pseudo-label masks",
         "SegTrainConfig",
-        "breakhis_ray.segmentation.train:run_train_segmenter",
+        "breakhis_ray.train.segmenter:run_train_segmenter",
     ),
     Command(
         "segment-eval",
@@ -144,7 +158,8 @@ COMMANDS: tuple[Command, ...] = (
         "BenchConfig",
         "breakhis_ray.bench:run_bench",
         (
-            Flag("--json", "json_out", "write the results as JSON to this file"),
+            Flag("--json", "json_out", "write the results as JSON to this file (default runs/bench/bench.json, "
+                 "under the current directory)"),
         ),
     ),
     Command(
@@ -152,7 +167,7 @@ COMMANDS: tuple[Command, ...] = (
         "the whole pipeline on a small synthetic BreakHis with a local Ray (outputs under runs/demo/)",
         "DemoConfig",
         "breakhis_ray.demo:run_demo",
-        (Flag("--out", "out", "output directory (default runs/demo)"),),
+        (Flag("--out", "out", "output directory (default runs/demo, under the current directory)"),),
     ),
 )
 
@@ -178,6 +193,8 @@ def _build_parser() -> argparse.ArgumentParser:
             description=cmd.help + ". Flags are shorthands for config keys; any key can be set as key.sub=value.",
         )
         p.add_argument("--config", help="YAML config file (defaults < file < flags < overrides)")
+        p.add_argument("--log-level", dest="log_level", type=str.upper, choices=LOG_LEVELS,
+                       help=f"level of this package's log lines on stdout (default: ${LOG_LEVEL_ENV} or INFO)")
         for flag in cmd.flags:
             p.add_argument(flag.name, dest=flag.key.replace(".", "__"), type=flag.type, choices=flag.choices,
                            help=f"{flag.help} [config key: {flag.key}]")
@@ -186,6 +203,44 @@ def _build_parser() -> argparse.ArgumentParser:
                            help="small sizes, about 5 minutes on 2 CPU cores [config key: quick]")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
     return parser
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Plain ``%(message)s`` lines on the *current* ``sys.stdout`` (looked up per record, so a redirection
+    made after set-up, such as pytest's capture, receives them)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+def log_level(flag: str | None) -> str:
+    """The level to use: ``flag``, else ``$BREAKHIS_LOG_LEVEL``, else INFO; a bad value is a one-line error."""
+    level = (flag or os.environ.get(LOG_LEVEL_ENV) or "INFO").strip().upper()
+    if level not in LOG_LEVELS:
+        raise BreakhisError(f"{LOG_LEVEL_ENV}={level!r} is not a log level: choose from {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def configure_logging(level: str = "INFO") -> logging.Handler:
+    """Send this package's log records at ``level`` and above to stdout as plain text.
+
+    The handler sits on the root logger (records of every logger that propagates reach it), filtered at
+    ``level``; the ``breakhis_ray`` logger is set to ``level``. Other loggers keep their own levels (the root
+    logger's default is WARNING). Calling it again replaces the handler it installed before.
+    """
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StdoutHandler)]:
+        root.removeHandler(handler)
+    handler = _StdoutHandler()
+    handler.setLevel(level)
+    root.addHandler(handler)
+    logging.getLogger(PACKAGE_LOGGER).setLevel(level)
+    return handler
 
 
 def run_command(name: str, config_path: str | None, values: dict, overrides: list[str]):
@@ -206,9 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     values = {
         key.replace("__", "."): value
         for key, value in vars(args).items()
-        if key not in ("command", "config", "overrides") and value is not None
+        if key not in ("command", "config", "overrides", "log_level") and value is not None
     }
     try:
+        configure_logging(log_level(args.log_level))
         run_command(args.command, args.config, values, args.overrides)
     except BreakhisError as exc:
         print(f"error: {exc}", file=sys.stderr)

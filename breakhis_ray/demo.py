@@ -1,19 +1,19 @@
 """The whole pipeline on a small synthetic BreakHis with a local Ray: what ``make demo`` runs.
 
 Every stage is the same library call the CLI makes, fed with a config built from the stage's YAML and
-overrides that point it at the demo's output folder. Timings and output paths go to ``<out>/demo.json``.
+overrides that point it at the demo's output folder. Timings and output paths go to ``<out>/demo.json``; the
+resolved :class:`~breakhis_ray.config.DemoConfig` and the library versions to ``<out>/demo_config.yaml`` and
+``<out>/demo_versions.json`` (each stage also writes its own provenance beside its outputs).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import pandas as pd
-
-from breakhis_ray import storage
+from breakhis_ray.artifacts import write_json, write_parquet, write_provenance
 from breakhis_ray.config import (
     DemoConfig,
     EvaluateConfig,
@@ -26,10 +26,11 @@ from breakhis_ray.config import (
     SplitConfig,
     SynthConfig,
     TrainConfig,
-    config_yaml,
     load_config,
 )
 from breakhis_ray.ray_utils import ensure_ray
+
+log = logging.getLogger(__name__)
 
 
 class _Stages:
@@ -41,12 +42,12 @@ class _Stages:
 
     @contextmanager
     def stage(self, name: str):
-        print(f"\n=== demo: {name} ===", flush=True)
+        log.info("=== demo: %s ===", name)
         start = time.perf_counter()
         yield
         seconds = round(time.perf_counter() - start, 1)
         self.record["stages"][name] = seconds
-        print(f"=== demo: {name} done in {seconds} s ===", flush=True)
+        log.info("=== demo: %s done in %s s ===", name, seconds)
         self.save()
 
     def output(self, key: str, value) -> None:
@@ -54,12 +55,12 @@ class _Stages:
         self.save()
 
     def save(self) -> None:
-        (self.out / "demo.json").write_text(json.dumps(self.record, indent=2, default=str))
+        write_json(str(self.out / "demo.json"), self.record)
 
 
 def _test_manifest(manifest_uri: str, splits_uri: str, out_uri: str, fold: int = 1) -> int:
     """The manifest rows of ``fold``'s test split (what the demo runs inference on)."""
-    from breakhis_ray.data.manifest import read_manifest, write_parquet
+    from breakhis_ray.data.manifest import read_manifest
     from breakhis_ray.data.splits import load_splits
 
     manifest = read_manifest(manifest_uri)
@@ -79,12 +80,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     from breakhis_ray.inference import run_infer
     from breakhis_ray.report import run_report
     from breakhis_ray.segmentation.evaluate import RESULT_FILE, run_segment_eval
-    from breakhis_ray.segmentation.train import run_train_segmenter
+    from breakhis_ray.train import run_train_segmenter
     from breakhis_ray.train import run_train
 
     out = Path(cfg.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_config.yaml").write_text(config_yaml(cfg))
+    write_provenance(str(out), cfg, prefix="demo_")  # demo_config.yaml, demo_versions.json
     stages = _Stages(out)
     ensure_ray(cfg.ray)
     synth_dir, manifest, splits = out / "synthetic", out / "manifest.parquet", out / "splits.parquet"
@@ -107,8 +108,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         summary = run_train(train_cfg)
         stages.output("train", summary)
         best = summary["best_metrics"] or {}
-        print(f"demo: validation (patient split) accuracy={best.get('val_accuracy')} "
-              f"balanced_accuracy={best.get('val_balanced_accuracy')} at epoch {best.get('epoch')}", flush=True)
+        log.info("demo: validation (patient split) accuracy=%s balanced_accuracy=%s at epoch %s",
+                 best.get("val_accuracy"), best.get("val_balanced_accuracy"), best.get("epoch"))
     with stages.stage("train-segmenter"):
         seg_cfg = load_config(SegTrainConfig, cfg.segmenter_config, [
             f"data.root={synth_dir}", f"run.storage_path={out / 'segmenter'}", *cfg.segmenter_overrides])
@@ -121,16 +122,16 @@ def run_demo(cfg: DemoConfig) -> dict:
             split_file=seg_summary["split_file"], magnifications=seg_cfg.data.magnifications,
             max_images=seg_cfg.data.max_images, split=seg_cfg.data.split, mask_root=seg_cfg.data.mask_root,
             mask_suffix=seg_cfg.data.mask_suffix, ray=cfg.ray))
-        print("demo: nuclei segmentation on held-out patients (Dice / IoU): " + ", ".join(
-            f"{name} {m['dice']:.3f} / {m['iou']:.3f}" for name, m in seg_eval["methods"].items()), flush=True)
+        log.info("demo: nuclei segmentation on held-out patients (Dice / IoU): %s", ", ".join(
+            f"{name} {m['dice']:.3f} / {m['iou']:.3f}" for name, m in seg_eval["methods"].items()))
         stages.output("segment_eval", str(segment_eval / RESULT_FILE))
     classifier = summary["best_checkpoint"]
     segmenter = seg_summary["best_checkpoint"] if cfg.infer_segmenter == "unet" else cfg.infer_segmenter
     checkpoints = {"classifier": classifier, "segmenter": segmenter}
-    (out / "checkpoints.json").write_text(json.dumps(checkpoints, indent=2))
+    write_json(str(out / "checkpoints.json"), checkpoints)
     with stages.stage("infer"):
         n_test = _test_manifest(str(manifest), str(splits), str(test_manifest))
-        print(f"demo: {n_test} test-split images (fold 1, patient-disjoint from training)", flush=True)
+        log.info("demo: %d test-split images (fold 1, patient-disjoint from training)", n_test)
         run_infer(load_config(InferConfig, None, [], {
             "input": str(test_manifest), "out": str(out / "predictions"), "classifier": classifier,
             "segmenter": segmenter}))
@@ -148,13 +149,13 @@ def run_demo(cfg: DemoConfig) -> dict:
             "configs": [str(out / "demo_config.yaml"), cfg.train_config, cfg.segmenter_config]}))
         stages.output("report", str(out / "report" / "report.html"))
 
-    print("\n=== demo: outputs ===")
+    log.info("=== demo: outputs ===")
     for key, path in [("synthetic tree", synth_dir), ("samples grid", synth_dir / "samples_grid.png"),
                       ("manifest", manifest), ("splits", splits), ("shards", prepared / "shards"),
                       ("training run", summary["run_dir"]), ("U-Net run", seg_summary["run_dir"]),
                       ("segmentation", segment_eval), ("checkpoints", out / "checkpoints.json"),
                       ("predictions", out / "predictions"), ("metrics", out / "metrics.json"),
                       ("report", out / "report" / "report.html")]:
-        print(f"  {key:15s} {path}")
-    print(f"  {'timings':15s} {out / 'demo.json'}  ({sum(stages.record['stages'].values()):.0f} s in all)")
+        log.info("  %-15s %s", key, path)
+    log.info("  %-15s %s  (%.0f s in all)", "timings", out / "demo.json", sum(stages.record["stages"].values()))
     return stages.record

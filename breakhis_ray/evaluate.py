@@ -23,6 +23,7 @@ over folds (:func:`aggregate_folds`); ``overall``/``per_magnification`` then hol
 from __future__ import annotations
 
 import json
+import logging
 import math
 import posixpath
 from typing import Any, Mapping, Sequence
@@ -33,9 +34,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from breakhis_ray import storage
-from breakhis_ray.config import MAGNIFICATIONS, EvaluateConfig
+from breakhis_ray.artifacts import write_provenance_beside, write_text_atomic
+from breakhis_ray.config import EvaluateConfig
+from breakhis_ray.domain import MAGNIFICATIONS
 from breakhis_ray.errors import ConfigError, DataError, StorageError
 from breakhis_ray.metrics import METRIC_KEYS, compute_metrics, format_mean_std, mean_std_over_folds
+
+log = logging.getLogger(__name__)
 
 ERROR_POLICY = "excluded_from_denominators"
 SUMMED_KEYS = ("confusion_matrix", "n_images", "n_patients", "n_errors")
@@ -330,8 +335,9 @@ def _json_safe(obj: Any) -> Any:
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    """CLI stage: evaluate every prediction set, write the metrics JSON (+ resolved config), print a table."""
-    from breakhis_ray.data.manifest import read_manifest, write_config_beside
+    """CLI stage: evaluate every prediction set, write the metrics JSON with ``<out>.config.yaml`` and
+    ``<out>.versions.json`` beside it, and log a summary table."""
+    from breakhis_ray.data.manifest import read_manifest
 
     manifest = read_manifest(cfg.manifest)
     splits, protocol = None, None
@@ -386,26 +392,30 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         out["mean_std"] = summary
         out["folds"] = per_fold
     out = _json_safe(out)
-    storage.write_text(cfg.out, json.dumps(out, indent=2, allow_nan=False))
-    write_config_beside(cfg.out, cfg)
+    write_text_atomic(cfg.out, json.dumps(out, indent=2, allow_nan=False))
+    write_provenance_beside(cfg.out, cfg)
+    _log_summary(out, per_fold, protocol)
+    log.info("wrote %s", cfg.out)
+    return out
 
-    print(f"evaluation set: {out['evaluation_set']}")
+
+def _log_summary(out: Mapping[str, Any], per_fold: Sequence[Mapping[str, Any]], protocol: str | None) -> None:
+    """The human summary of an evaluation: what was evaluated, what was excluded, the metric table."""
+    log.info("evaluation set: %s", out["evaluation_set"])
     for fold in per_fold:
         c = fold["counts"]
         where = f"fold {fold['fold']}: " if fold["fold"] is not None else ""
-        print(f"{where}{c['predictions']} prediction row(s), {c['evaluated']} evaluated, "
-              f"{c['not_in_manifest']} not in the manifest, {c['without_prediction']} without prediction"
-              + (f", {c['outside_split']} outside the split" if "outside_split" in c else "")
-              + (f", {c['label_disagreements']} label disagreement(s) (manifest labels used)"
-                 if c["label_disagreements"] else ""))
+        log.info("%s", f"{where}{c['predictions']} prediction row(s), {c['evaluated']} evaluated, "
+                 f"{c['not_in_manifest']} not in the manifest, {c['without_prediction']} without prediction"
+                 + (f", {c['outside_split']} outside the split" if "outside_split" in c else "")
+                 + (f", {c['label_disagreements']} label disagreement(s) (manifest labels used)"
+                    if c["label_disagreements"] else ""))
     if out["n_errors"]:
         kinds = ", ".join(f"{k}: {n}" for k, n in out["errors_by_kind"].items())
-        print(f"{out['n_errors']} prediction(s) in error excluded from the metric denominators ({kinds})")
+        log.info("%d prediction(s) in error excluded from the metric denominators (%s)", out["n_errors"], kinds)
     if protocol == "image":
-        print(f"warning: {PROTOCOL_NOTES['image']}")
-    print(format_table(out))
-    print(f"wrote {cfg.out}")
-    return out
+        log.warning("%s", PROTOCOL_NOTES["image"])
+    log.info("%s", format_table(out))
 
 
 __all__ = [

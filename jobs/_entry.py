@@ -10,4 +10,5 @@ from breakhis_ray.cli import main  # noqa: E402
 
 
 def run(command: str, argv: list[str] | None = None) -> int:
+    """``breakhis-ray <command> *argv`` (``argv`` defaults to the process's arguments); the exit status."""
     return main([command, *(sys.argv[1:] if argv is None else argv)])

@@ -4,5 +4,11 @@ import sys
 
 from _entry import run
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: the process's) as ``breakhis-ray demo`` does, run it; the exit status."""
+    return run("demo", argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run("demo"))
+    sys.exit(main())

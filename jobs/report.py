@@ -4,5 +4,11 @@ import sys
 
 from _entry import run
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: the process's) as ``breakhis-ray report`` does, run it; the exit status."""
+    return run("report", argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run("report"))
+    sys.exit(main())

@@ -191,7 +191,7 @@ def scenario_train(spec: dict, cluster, workers) -> dict:
     from breakhis_ray import storage
     from breakhis_ray.config import TrainConfig, load_config
     from breakhis_ray.train import run_train
-    from breakhis_ray.train_common import _checkpoint_epoch, read_history
+    from breakhis_ray.train.ray_glue import checkpoint_epoch as _checkpoint_epoch, read_history
 
     cfg = load_config(TrainConfig, REPO / "jobs/configs/train_tiny.yaml", spec["overrides"])
     run_dir = storage.join(cfg.run.storage_path, cfg.run.name)

@@ -3,11 +3,14 @@ checks the JSON contract (structure and finite positive numbers, never speed: ti
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from breakhis_ray.config import BenchConfig, dump_config, load_config, validate_config
 from breakhis_ray.errors import BreakhisError, ConfigError
@@ -69,12 +72,13 @@ def test_targets_say_met_or_by_how_much_they_are_missed():
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_tiny_bench_run_writes_the_json_contract_and_a_profile(ray_session, tmp_path, capsys):
+def test_tiny_bench_run_writes_the_json_contract_and_a_profile(ray_session, tmp_path, caplog):
     from breakhis_ray.bench import run_bench
 
     out = tmp_path / "bench.json"
     cfg = load_config(BenchConfig, None, TINY, {"json_out": str(out), "workdir": str(tmp_path / "work")})
-    results = run_bench(cfg)
+    with caplog.at_level(logging.INFO, logger="breakhis_ray"):
+        results = run_bench(cfg)
     saved = json.loads(out.read_text())
     assert saved["machine"]["cores"] >= 1 and saved["machine"]["torch"] and saved["machine"]["ray"]
     for section, key in CONTRACT:
@@ -85,8 +89,10 @@ def test_tiny_bench_run_writes_the_json_contract_and_a_profile(ray_session, tmp_
     assert saved == json.loads(json.dumps(results))
     profile = (tmp_path / "bench.profile.txt").read_text()
     assert "time per step" in profile and "cProfile" in profile and "Ray Data statistics" in profile
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert "TorchTrainer 1 worker vs plain loop" in printed and "verdict" in printed
+    assert validate_config(BenchConfig, yaml.safe_load((tmp_path / "bench.config.yaml").read_text())) == cfg
+    assert json.loads((tmp_path / "bench.versions.json").read_text())["ray"]
 
 
 def test_others_cpu_counts_this_runs_short_lived_processes_as_ours():
@@ -104,3 +110,29 @@ def test_others_cpu_counts_this_runs_short_lived_processes_as_ours():
             while child.poll() is None:
                 time.sleep(0.01)
     assert others.cores is not None and others.cores < 0.3, others.cores
+
+
+def _one_section():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_one_section.py"
+    spec = importlib.util.spec_from_file_location("bench_one_section", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_section_scripts_go_through_the_one_bench_config():
+    """``python benchmarks/<section>.py`` = ``breakhis-ray bench`` with the other sections off: same config."""
+    from breakhis_ray.cli import main
+
+    one = _one_section()
+    argv = one.section_argv("ingest", ["--quick", "ingest.n_images=20"])
+    assert argv[0] == "bench"
+    cfg = load_config(BenchConfig, None, argv[2:], {"quick": True})
+    assert cfg.ingest.enabled and cfg.ingest.n_images == 20 and cfg.json_out == "runs/bench/ingest.json"
+    assert not (cfg.train.enabled or cfg.inference.enabled or cfg.synth.enabled)
+    assert cfg.ingest.decode_batch_size == BenchConfig().ingest.decode_batch_size  # no second set of defaults
+    named = one.section_argv("synth", ["--json", "/tmp/x.json"])
+    assert not any(a.startswith("json_out=") for a in named)
+    assert main(one.section_argv("train", ["train.stepz=1"])) == 2  # typos fail as in every command
+    with pytest.raises(ValueError, match="unknown bench section"):
+        one.section_argv("nope", [])

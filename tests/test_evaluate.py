@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from breakhis_ray import cli
+from breakhis_ray.artifacts import write_parquet
 from breakhis_ray.config import EvaluateConfig, load_config
-from breakhis_ray.data.manifest import COLUMNS, write_parquet
+from breakhis_ray.data.manifest import COLUMNS
 from breakhis_ray.data.splits import write_splits
 from breakhis_ray.errors import ConfigError, DataError, StorageError
 from breakhis_ray.evaluate import aggregate_folds, read_predictions, run_evaluate
@@ -98,7 +100,8 @@ def expected_metrics(manifest: pd.DataFrame, pred: pd.DataFrame, mask=None) -> d
                            joined["patient_id"].to_numpy())
 
 
-def test_evaluate_values_counts_and_errors(case, capsys):
+def test_evaluate_values_counts_and_errors(case, caplog):
+    caplog.set_level(logging.INFO, logger="breakhis_ray.evaluate")
     tmp, manifest, manifest_uri, pred = case
     out = str(tmp / "metrics.json")
     cfg = load_config(EvaluateConfig, values={"predictions": str(tmp / "pred"), "manifest": manifest_uri,
@@ -106,7 +109,7 @@ def test_evaluate_values_counts_and_errors(case, capsys):
     result = run_evaluate(cfg)
     saved = json.loads(Path(out).read_text())
     assert saved == json.loads(json.dumps(result))
-    assert Path(out + ".config.yaml").is_file()
+    assert Path(out + ".config.yaml").is_file() and Path(out + ".versions.json").is_file()
 
     overall = saved["overall"]
     for key in ("accuracy", "precision", "recall", "f1", "roc_auc", "confusion_matrix", "image_recognition_rate",
@@ -142,7 +145,7 @@ def test_evaluate_values_counts_and_errors(case, capsys):
     dc = ok[ok["subtype"] == "ductal_carcinoma"]
     assert sub["ductal_carcinoma"]["recall"] == pytest.approx(np.mean(dc["prob_malignant"] >= 0.5))
 
-    printed = capsys.readouterr().out
+    printed = caplog.text  # the human summary is logged at INFO (the CLI shows INFO lines)
     assert "2 prediction(s) in error excluded from the metric denominators" in printed
     assert "overall" in printed and "400X" in printed
 

@@ -162,16 +162,21 @@ def test_schema_is_pinned():
     assert not PREDICTION_SCHEMA.field("path").nullable and not PREDICTION_SCHEMA.field("status").nullable
 
 
-def test_header_check_rejects_before_decoding():
-    from breakhis_ray.inference import check_header
+def test_decode_stage_error_rows_keep_the_documented_kinds():
+    """The CPU stage decodes with breakhis_ray.data.decode; a bad input becomes an error row, never raises."""
+    from breakhis_ray.inference.decode_stage import BatchDecoder
 
-    assert check_header(_encode(np.zeros((30, 40, 3), np.uint8)), max_pixels=1200) == (30, 40)
-    with pytest.raises(DataError, match="too_large"):
-        check_header(_encode(np.zeros((30, 41, 3), np.uint8)), max_pixels=1200)
-    with pytest.raises(DataError, match="empty"):
-        check_header(b"", max_pixels=10)
-    with pytest.raises(DataError, match="not_an_image"):
-        check_header(b"hello", max_pixels=10)
+    good = _encode(np.zeros((30, 40, 3), np.uint8))
+    big = _encode(np.zeros((30, 41, 3), np.uint8))  # 1230 px > max_pixels
+    decoder = BatchDecoder({"size": [32, 32]}, (16, 16), max_pixels=1200)
+    contents = [good, big, b"", b"hello", good[: len(good) // 2], "read_error: file not found"]
+    out = decoder([f"p{i}" for i in range(len(contents))], contents, np.zeros(len(contents), np.int32))
+    assert out["_ok"].tolist() == [True, False, False, False, False, False]
+    assert (int(out["_height"][0]), int(out["_width"][0])) == (30, 40)
+    assert out["_image"].shape == (6, 32, 32, 3) and out["_seg"].shape == (6, 16, 16, 3)
+    kinds = [str(e).split(": ")[0] for e in out["_error"][1:]]
+    assert kinds == ["too_large", "empty", "not_an_image", "decode_error", "read_error"]
+    assert str(out["_error"][4]).startswith("decode_error: truncated: ")
 
 
 def test_plain_loop_matches_preprocess_bytes(checkpoints, tree):

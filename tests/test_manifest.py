@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 
@@ -223,14 +225,16 @@ def test_build_manifest_end_to_end(tree: Path):
     assert all(p.startswith(str(tree)) for p in df["path"])
 
 
-def test_cli_manifest_writes_parquet_and_config(tree: Path, tmp_path: Path, capsys):
+def test_cli_manifest_writes_parquet_and_config(tree: Path, tmp_path: Path, caplog):
     out = tmp_path / "out" / "manifest.parquet"
-    assert main(["manifest", "--root", str(tree), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="breakhis_ray"):
+        assert main(["manifest", "--root", str(tree), "--out", str(out)]) == 0
+    printed = caplog.text
     assert "Benign" in printed and "3 file(s) excluded" in printed and "Thumbs.db" in printed
     df = read_manifest(str(out))
     assert len(df) == 6 and str(df["width"].dtype) == "Int32" and str(df["label_id"].dtype) == "int8"
     assert "root:" in (tmp_path / "out" / "manifest.parquet.config.yaml").read_text()
+    assert "pyarrow" in json.loads((tmp_path / "out" / "manifest.parquet.versions.json").read_text())
 
 
 def test_cli_manifest_read_sizes_off(tree: Path, tmp_path: Path):
@@ -248,7 +252,8 @@ def test_cli_manifest_bad_root(tmp_path: Path, capsys, kind):
     code = main(["manifest", "--root", str(root), "--out", str(tmp_path / "m.parquet")])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("error: ") and err.count("\n") == 1
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.rstrip("\n").splitlines()[-1] == errors[0]
     assert not (tmp_path / "m.parquet").exists()
 
 
@@ -260,7 +265,7 @@ def test_read_manifest_rejects_other_parquet(tmp_path: Path):
 
 
 @pytest.mark.s3
-def test_manifest_over_s3(tree: Path, s3_server, capsys):
+def test_manifest_over_s3(tree: Path, s3_server):
     from breakhis_ray import storage
 
     root = s3_server.uri("manifest-test/download")
@@ -273,4 +278,4 @@ def test_manifest_over_s3(tree: Path, s3_server, capsys):
     assert len(df) == 6 and all(p.startswith(root + "/BreaKHis_v1/BreaKHis_v1/") for p in df["path"])
     sizes = dict(zip(df["filename"], zip(df["width"], df["height"])))
     assert sizes["SOB_M_LC-14-13412-200-001.jpg"] == (16, 11)
-    assert storage.exists(out + ".config.yaml")
+    assert storage.exists(out + ".config.yaml") and storage.exists(out + ".versions.json")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import struct
 import zlib
 from pathlib import Path
@@ -18,15 +19,15 @@ from breakhis_ray import storage
 from breakhis_ray.cli import main as cli_main
 from breakhis_ray.config import PrepareConfig
 from breakhis_ray.data import enhance
+from breakhis_ray.data.decode import decode_rgb
 from breakhis_ray.data.shards import (
-    ImageRejected,
-    decode_checked,
+    SHARD_SCHEMA,
     plan_chunks,
+    process_chunk,
     read_shards,
     run_prepare,
     shard_uris,
 )
-from breakhis_ray.data.transforms import decode_image
 from breakhis_ray.errors import ConfigError
 
 SIZE = (24, 16)  # (W, H): tiny, non-square like BreakHis' 700x460
@@ -49,6 +50,12 @@ def _png(pixels: np.ndarray | Image.Image) -> bytes:
     img = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -102,7 +109,7 @@ def build_tree(root: Path) -> dict:
         "zero_byte": (dc, 100, b""),
         "not_an_image": (lc, 40, b"this is a text file, not a PNG\n"),
         "wrong_size": (lc, 100, _png(_tile(rng, "malignant", (20, 20)))),
-        "unsupported_mode": (dc, 40, _png(Image.fromarray(_tile(rng, "malignant")).convert("1"))),
+        "corrupt": (dc, 40, good[:8] + b"\x00" * 64),
         "too_large": (lc, 40, _png(Image.new("RGB", (400, 300), (200, 100, 150)))),
     }
     for i, (reason, (patient, mag, data)) in enumerate(sorted(specials.items())):
@@ -113,6 +120,8 @@ def build_tree(root: Path) -> dict:
                                                          np.full(SIZE[::-1], 128, np.uint8)])))),
         "I;16": (lc, 100, _png(Image.fromarray(rng.integers(0, 65535, SIZE[::-1], dtype=np.uint16)))),
         "RGB;16": (dc, 100, _png_rgb16(*SIZE, seed=3)),
+        "1": (dc, 40, _png(Image.fromarray(_tile(rng, "malignant")).convert("1"))),
+        "CMYK": (lc, 100, _jpeg(Image.fromarray(_tile(rng, "malignant")).convert("CMYK"))),
     }
     for i, (mode, (patient, mag, data)) in enumerate(sorted(converts.items())):
         expected["converted"][put(*patient, mag, 70 + i, data)] = mode
@@ -156,7 +165,7 @@ def _check_outputs(out: str, expected: dict, summary: dict, root_prefix: str = "
     assert (originals["source_path"] == originals["path"]).all()
     assert set(shards["split"]) <= {"train", "val", "test"} and (shards["fold"] == 1).all()
     for row in shards.sample(8, random_state=0).itertuples():
-        pixels = decode_image(row.image)
+        pixels = decode_rgb(row.image)
         assert pixels.shape == (row.image_height, row.image_width, 3)
     for name in ("manifest.parquet", "splits.parquet", "prepare.json", "config.yaml", "rejects.parquet"):
         assert storage.exists(storage.join(out, name))
@@ -164,35 +173,32 @@ def _check_outputs(out: str, expected: dict, summary: dict, root_prefix: str = "
 
 
 # ---------------------------------------------------------------------------------------------- units
-def test_decode_checked_reasons_and_conversions():
+def test_process_chunk_reasons_stages_and_stored_bytes(tmp_path):
+    """One chunk without Ray: rejects carry prepare's stage; 8-bit RGB PNGs are stored byte for byte,
+    converted images re-encoded (the decisions themselves are tested in test_decode.py)."""
     rgb = np.random.default_rng(0).integers(0, 255, (16, 24, 3), dtype=np.uint8)
-    good = _png(rgb)
-    pixels, converted, fmt = decode_checked(good)
-    assert np.array_equal(pixels, rgb) and converted is None and fmt == "PNG"
-    cases = {
-        b"": "zero_byte",
-        good[: len(good) // 2]: "truncated",
-        good[:30]: "corrupt",
-        b"hello, not an image": "not_an_image",
-        _png(Image.fromarray(rgb).convert("1")): "unsupported_mode",
-    }
-    for data, reason in cases.items():
-        with pytest.raises(ImageRejected) as info:
-            decode_checked(data)
-        assert info.value.reason == reason
-    with pytest.raises(ImageRejected, match="max_pixels"):
-        decode_checked(good, max_pixels=100)
-    # conversions match the inference-time decoder exactly
-    for data, mode in [
-        (_png(Image.fromarray(rgb).convert("L")), "L"),
-        (_png(Image.fromarray(rgb).convert("P")), "P"),
-        (_png(Image.fromarray(np.dstack([rgb, np.full((16, 24), 90, np.uint8)]))), "RGBA"),
-        (_png(Image.fromarray(np.arange(16 * 24, dtype=np.uint16).reshape(16, 24) * 150)), "I;16"),
-        (_png_rgb16(24, 16, seed=1), "RGB;16"),
-    ]:
-        pixels, converted, _ = decode_checked(data)
-        assert converted == mode
-        assert np.array_equal(pixels, decode_image(data)), mode
+    good, grey = _png(rgb), _png(Image.fromarray(rgb).convert("L"))
+    files = {"good.png": good, "grey.png": grey, "empty.png": b"", "cut.png": good[: len(good) // 2],
+             "small.png": _png(rgb[:10, :10])}
+    rows = []
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        row = dict.fromkeys(SHARD_SCHEMA.names)
+        row.update(path=str(tmp_path / name), source_path=str(tmp_path / name), filename=name)
+        rows.append(row)
+    missing = dict(rows[0], path=str(tmp_path / "gone.png"), source_path=str(tmp_path / "gone.png"))
+    (tmp_path / "out" / "shards").mkdir(parents=True)
+    ctx = {"out": str(tmp_path / "out"), "image_format": "png", "quality": 95, "resize": None,
+           "expected_size": (24, 16), "max_pixels": 10_000, "row_group_size": 2, "enhance_seed": 0}
+    result = process_chunk(3, rows + [missing], ctx)
+    got = {r["path"].rsplit("/", 1)[-1]: (r["reason"], r["stage"]) for r in result["rejects"]}
+    assert got == {"empty.png": ("zero_byte", "read"), "cut.png": ("truncated", "decode"),
+                   "small.png": ("wrong_size", "check"), "gone.png": ("missing", "read")}
+    assert result["part"] == "part-00003.parquet" and result["rows"] == 2
+    stored = {r["filename"]: r for r in pq.read_table(tmp_path / "out" / "shards" / result["part"]).to_pylist()}
+    assert stored["good.png"]["image"] == good and stored["good.png"]["converted_from"] is None
+    assert stored["grey.png"]["converted_from"] == "L" and stored["grey.png"]["image"] != grey
+    assert np.array_equal(decode_rgb(stored["grey.png"]["image"]), decode_rgb(grey))
 
 
 def test_plan_chunks():
@@ -234,15 +240,17 @@ def _files(out: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.ray
-def test_prepare_local_enhance_idempotent(tree, tmp_path, ray_session, capsys):
+def test_prepare_local_enhance_idempotent(tree, tmp_path, ray_session, caplog):
     root, expected = tree
     out = tmp_path / "prepared"
     # a first run with smaller shards leaves more part files than the runs below
     first = run_prepare(_cfg(str(root), str(out), shard_size=4, enhance={"enabled": True}))
     n_first = len(first["shards"])
     cfg = _cfg(str(root), str(out), enhance={"enabled": True})
-    summary = run_prepare(cfg)
-    printed = capsys.readouterr().out
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="breakhis_ray.data.shards"):
+        summary = run_prepare(cfg)
+    printed = caplog.text
     assert "Tab. 1" in printed and "Tab. 2" in printed and "rejected" in printed
     assert len(summary["shards"]) < n_first
     assert [u.rsplit("/", 1)[-1] for u in shard_uris(str(out))] == summary["shards"]  # stale parts removed

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from breakhis_ray.data import render, stain
-from breakhis_ray.data.synthetic import load_patients, patient_params_for_index
+from breakhis_ray.data.cohort import load_patients
+from breakhis_ray.data.render import patient_params_for_index
+from breakhis_ray.domain import MAGNIFICATIONS
 
 
 def _index(code: str) -> int:
@@ -40,7 +42,7 @@ def test_od_round_trip_and_deconvolution_recovers_concentrations():
 
 # ------------------------------------------------------------------------------------------ scale
 def test_pixel_scale_keeps_the_exact_magnification_ratio_and_field_of_view():
-    scales = [render.um_per_px(m) for m in render.MAGNIFICATIONS]
+    scales = [render.um_per_px(m) for m in MAGNIFICATIONS]
     assert scales == pytest.approx([2.5, 1.0, 0.5, 0.25])
     assert render.um_per_px(40) / render.um_per_px(400) == pytest.approx(10.0)
     # a smaller tile covers the same field of view

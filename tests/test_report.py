@@ -16,12 +16,12 @@ import pytest
 from PIL import Image
 from test_evaluate import make_manifest, make_predictions, write_table
 
-from breakhis_ray import cli, plots
+from breakhis_ray import cli
+from breakhis_ray.artifacts import write_parquet
 from breakhis_ray.config import EvaluateConfig, ReportConfig, load_config
-from breakhis_ray.data.manifest import write_parquet
 from breakhis_ray.evaluate import run_evaluate
 from breakhis_ray.metrics import roc_auc
-from breakhis_ray.report import PUBLISHED_LABEL, SECTIONS, canonical_table, run_report
+from breakhis_ray.report import PUBLISHED_LABEL, SECTIONS, canonical_table, plots, run_report
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION_IDS = [sid for sid, _ in SECTIONS]
@@ -177,7 +177,7 @@ def test_full_report_sections_images_and_tables(full_report):
     for src in page.images:  # every embedded image decodes as a PNG
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
     assert len(list((full_report / "figures").glob("*.png"))) == FULL_FIGURES
-    assert (full_report / "config.yaml").is_file()
+    assert (full_report / "config.yaml").is_file() and (full_report / "versions.json").is_file()
     text = "".join(page.text)
     assert "Skipped:" not in text and "input not given" not in text
     for needle in ("Not for diagnosis", "Intended use", "Known limitations", "Metric caveats",
@@ -229,6 +229,28 @@ def test_report_cli_bad_input_is_one_line(tmp_path, capsys):
     code = cli.main(["report", "--out", str(tmp_path / "r"), f"metrics={tmp_path / 'missing.json'}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1
+
+
+def test_user_strings_are_escaped(inputs, tmp_path):
+    """Paths, config values and file contents reach the page as text: a <script> in them never becomes a tag."""
+    _, values = inputs
+    evil = tmp_path / "<script>alert('path')"
+    evil.mkdir()
+    samples = evil / "samples.png"
+    samples.write_bytes(Path(values["samples_grid"]).read_bytes())
+    stage_yaml = evil / "stage.yaml"
+    stage_yaml.write_text("note: '</pre><script>alert(1)</script>'\n")
+    cfg = ReportConfig(out=str(tmp_path / "r"), title="<script>alert('title')</script>", samples_grid=str(samples),
+                       configs=[str(stage_yaml)], prepare_summary=values["prepare_summary"])
+    text = Path(run_report(cfg)).read_text()
+    assert "<script" not in text.lower()
+    assert "&lt;script&gt;alert(" in text
+    page = parse(tmp_path / "r" / "report.html")
+    assert page.sections == SECTION_IDS
+    shown = "".join(page.text)
+    assert "<script>alert('title')</script>" in shown  # the title, as text
+    assert f"Synthetic samples ({samples})." in shown  # the path in the caption, as text
+    assert "</pre><script>alert(1)</script>" in shown  # the config file's content, verbatim
 
 
 def test_roc_curve_area_matches_metrics():

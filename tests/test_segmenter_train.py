@@ -20,13 +20,13 @@ from breakhis_ray.config import (
     SynthConfig,
     load_config,
 )
+from breakhis_ray.data.augment import augment_pairs
 from breakhis_ray.data.transforms import PreprocessSpec
 from breakhis_ray.errors import ConfigError, DataError
 from breakhis_ray.losses import DiceBCELoss, binary_focal_loss, dice_loss
 from breakhis_ray.segmentation import create_segmenter
 from breakhis_ray.segmentation.dataset import (
     LoadPairs,
-    augment_pairs,
     load_pair,
     mask_uri,
     pair_table,
@@ -130,7 +130,7 @@ def test_pairs_resize_image_bilinear_and_mask_nearest(tree):
 
 @pytest.mark.parametrize("method", ["threshold", "watershed"])
 def test_pseudo_labels_equal_the_classical_segmenter(tree, method):
-    from breakhis_ray.data.transforms import decode_image
+    from breakhis_ray.data.decode import decode_rgb as decode_image
 
     rows = pair_table(_data(tree, mask_source=method), masks=False)
     assert (rows["mask_path"] == "").all()
@@ -177,7 +177,7 @@ def test_ray_datasets_hold_pairs(ray_session, tree):
 @pytest.fixture(scope="module")
 def trained(ray_session, tree, tmp_path_factory) -> dict:
     """3 epochs of a small U-Net through Ray Train (1 worker), no augmentation so the loss is comparable."""
-    from breakhis_ray.segmentation.train import run_train_segmenter
+    from breakhis_ray.train import run_train_segmenter
 
     runs = str(tmp_path_factory.mktemp("segruns"))
     cfg = load_config(SegTrainConfig, REPO / "jobs" / "configs" / "train_segmenter_tiny.yaml", [

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from breakhis_ray.artifacts import write_parquet
 from breakhis_ray.cli import main
 from breakhis_ray.config import SplitConfig
-from breakhis_ray.data.manifest import manifest_from_paths, parse_filename, write_parquet
+from breakhis_ray.data.manifest import manifest_from_paths, parse_filename
 from breakhis_ray.data.splits import (
     assert_patient_disjoint,
     load_splits,
@@ -33,6 +36,11 @@ FOLDERS = [  # a small BreakHis: every subtype, sections of one slide, the 13412
     "SOB_M_PC_15-190EF", "SOB_M_PC_14-12465", "SOB_M_PC_14-9146",
 ]
 PER_MAG = 3
+
+
+def _warned(caplog, text: str = "") -> bool:
+    """Whether a WARNING record (containing ``text``) was logged."""
+    return any(r.levelno == logging.WARNING and text in r.getMessage() for r in caplog.records)
 
 
 def folder_paths(folder: str, per_mag: int = PER_MAG) -> list[str]:
@@ -81,9 +89,10 @@ def split_of(splits: pd.DataFrame, manifest: pd.DataFrame, folder: str) -> pd.Se
 # ------------------------------------------------------------------------------------------ patient mode
 @pytest.mark.parametrize("key", ["folder", "slide"])
 @pytest.mark.parametrize("policy", ["keep", "drop", "merge"])
-def test_patient_mode_is_disjoint(manifest, key, policy, capsys):
-    splits = make_splits(manifest, config(patient_key=key, dc_lc_policy=policy))
-    printed = capsys.readouterr().out
+def test_patient_mode_is_disjoint(manifest, key, policy, caplog):
+    with caplog.at_level(logging.INFO, logger="breakhis_ray"):
+        splits = make_splits(manifest, config(patient_key=key, dc_lc_policy=policy))
+    printed = caplog.text
     kept = manifest[manifest["patient_id"] != LC] if policy == "drop" else manifest
     check_structure(splits, set(kept["path"]), [1, 2, 3, 4, 5])
     assert splits.attrs == {"protocol": "patient", "patient_key": key, "dc_lc_policy": policy}
@@ -91,7 +100,7 @@ def test_patient_mode_is_disjoint(manifest, key, policy, capsys):
     if policy == "drop":
         assert f"excluded {4 * PER_MAG} image(s) of {LC}" in printed
     else:
-        assert (policy == "keep" and key == "folder") == ("warning:" in printed)
+        assert (policy == "keep" and key == "folder") == _warned(caplog)
     if policy == "merge" or (key == "slide" and policy != "drop"):
         assert split_of(splits, manifest, DC).equals(split_of(splits, manifest, LC))
     if key == "slide":
@@ -162,9 +171,10 @@ def test_patient_groups_keys(manifest):
 
 
 # -------------------------------------------------------------------------------------------- image mode
-def test_image_mode_leaks_and_says_so(manifest, capsys):
-    splits = make_splits(manifest, config(mode="image"))
-    assert "warning: mode=image" in capsys.readouterr().out
+def test_image_mode_leaks_and_says_so(manifest, caplog):
+    with caplog.at_level(logging.INFO, logger="breakhis_ray"):
+        splits = make_splits(manifest, config(mode="image"))
+    assert _warned(caplog, "mode=image")
     check_structure(splits, set(manifest["path"]), [1, 2, 3, 4, 5])
     rows = splits[splits["fold"] == 1].merge(manifest[["path", "patient_id"]], on="path")
     shared = set(rows[rows["split"] == "train"]["patient_id"]) & set(rows[rows["split"] == "test"]["patient_id"])
@@ -198,12 +208,13 @@ def dsfolds(tmp_path: Path, manifest) -> Path:
     return tmp_path
 
 
-def test_official_dsfold_files(manifest, dsfolds: Path, capsys):
-    splits = make_splits(manifest, config(mode="official", folds_file=str(dsfolds / "dsfold3.txt")))
-    printed = capsys.readouterr().out
+def test_official_dsfold_files(manifest, dsfolds: Path, caplog):
+    with caplog.at_level(logging.INFO, logger="breakhis_ray"):
+        splits = make_splits(manifest, config(mode="official", folds_file=str(dsfolds / "dsfold3.txt")))
+    printed = caplog.text
     assert "unmatched: SOB_B_A-14-99999-40-001.png" in printed and "1 folds-file name(s)" in printed
     assert "dsfold2.txt:" in printed and "1 malformed" in printed
-    assert "warning: the official folds split copies of one slide" in printed
+    assert _warned(caplog, "the official folds split copies of one slide")
     check_structure(splits, set(manifest["path"]), [1, 2, 3, 4, 5], partition=False)  # LC tests in every fold
     assert splits.attrs == {"protocol": "official", "patient_key": "folder", "dc_lc_policy": "keep"}
     assert_patient_disjoint(splits, manifest, "folder", "keep")
@@ -215,10 +226,11 @@ def test_official_dsfold_files(manifest, dsfolds: Path, capsys):
     assert (got["split"] == "val").any()
 
 
-def test_official_folds_with_drop_and_slide_key(manifest, dsfolds: Path, capsys):
-    dropped = make_splits(manifest, config(mode="official", folds_file=str(dsfolds / "dsfold1.txt"),
-                                           dc_lc_policy="drop"))
-    assert "warning" not in capsys.readouterr().out
+def test_official_folds_with_drop_and_slide_key(manifest, dsfolds: Path, caplog):
+    with caplog.at_level(logging.INFO, logger="breakhis_ray"):
+        dropped = make_splits(manifest, config(mode="official", folds_file=str(dsfolds / "dsfold1.txt"),
+                                               dc_lc_policy="drop"))
+    assert not _warned(caplog, "copies of one slide") and not _warned(caplog, "may leak")
     assert not dropped["path"].isin(manifest.loc[manifest["patient_id"] == LC, "path"]).any()
     assert dropped.attrs["dc_lc_policy"] == "drop"
     with pytest.raises(DataError, match="not patient-disjoint under patient_key=slide"):
@@ -274,19 +286,22 @@ def test_load_splits_accepts_image_protocol(manifest, tmp_path: Path):
     assert load_splits(uri, manifest).attrs["protocol"] == "image"
 
 
-def test_cli_split(manifest, tmp_path: Path, capsys):
+def test_cli_split(manifest, tmp_path: Path, capsys, caplog):
     m, out = str(tmp_path / "manifest.parquet"), str(tmp_path / "splits.parquet")
     write_parquet(manifest, m)
-    assert main(["split", "--manifest", m, "--out", out, "--folds", "3", "--patient-key", "slide"]) == 0
-    printed = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="breakhis_ray"):
+        assert main(["split", "--manifest", m, "--out", out, "--folds", "3", "--patient-key", "slide"]) == 0
+    printed = caplog.text
     assert "patients" in printed and "malignant" in printed
     loaded = load_splits(out, manifest)
     assert loaded.attrs["patient_key"] == "slide" and sorted(loaded["fold"].unique()) == [1, 2, 3]
     assert "patient_key: slide" in Path(out + ".config.yaml").read_text()
+    assert json.loads(Path(out + ".versions.json").read_text())["pyarrow"]
 
     assert main(["split", "--manifest", m, "--out", out, "--mode", "official"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.rstrip("\n").splitlines()[-1] == errors[0]
 
 
 # -------------------------------------------------------------------------------------- the real list

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 from collections import Counter
 from pathlib import Path
@@ -13,15 +14,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from breakhis_ray.config import MAGNIFICATIONS, SynthConfig
+from breakhis_ray.config import SynthConfig, dump_config
 from breakhis_ray.data import render, stain, synthetic
+from breakhis_ray.data.cohort import load_patients, pixel_source
+from breakhis_ray.domain import MAGNIFICATIONS, SUBTYPE_CODES
 
 FILENAME = re.compile(r"^SOB_(B|M)_(A|F|PT|TA|DC|LC|MC|PC)-(\d\d)-(\d+[A-Z]*)-(40|100|200|400)-(\d{3})\.png$")
 
 
 # -------------------------------------------------------------------------------------- the table
 def test_patient_table_matches_breakhis():
-    rows = synthetic.load_patients()
+    rows = load_patients()
     assert len(rows) == 82
     assert Counter(r.label for r in rows) == {"benign": 24, "malignant": 58}
     assert sum(sum(r.counts) for r in rows) == 7909
@@ -34,7 +37,7 @@ def test_patient_table_matches_breakhis():
 
 
 def test_names_follow_breakhis_and_13412_is_filed_twice():
-    rows = synthetic.load_patients()
+    rows = load_patients()
     first = rows[0]
     assert first.folder == "SOB_B_A_14-22549AB"
     assert first.relative_path(40, 1) == (
@@ -45,14 +48,14 @@ def test_names_follow_breakhis_and_13412_is_filed_twice():
         assert m and m.group(2) == r.code and r.folder.startswith(f"SOB_{m.group(1)}_{r.code}_")
     pair = [r for r in rows if r.slide == "14-13412"]
     assert sorted(r.code for r in pair) == ["DC", "LC"] and pair[0].counts == pair[1].counts
-    assert synthetic.pixel_source(pair[1]) == pair[0]
-    assert synthetic.patient_params_for_index(0, pair[0].index) == synthetic.patient_params_for_index(0, pair[1].index)
+    assert pixel_source(pair[1]) == pair[0]
+    assert render.patient_params_for_index(0, pair[0].index) == render.patient_params_for_index(0, pair[1].index)
 
 
 def test_13412_pair_writes_identical_pixels(tmp_path):
     cfg = SynthConfig(out=str(tmp_path), size=(64, 48))
-    data = synthetic.dump_config(cfg)
-    pair = [r for r in synthetic.load_patients() if r.slide == "14-13412"]
+    data = dump_config(cfg)
+    pair = [r for r in load_patients() if r.slide == "14-13412"]
     for r in pair:
         synthetic.generate_group(data, r.index, 100, 2)
     for seq in (1, 2):
@@ -64,7 +67,7 @@ def test_13412_pair_writes_identical_pixels(tmp_path):
 @pytest.mark.parametrize("fraction", [1.0, 0.3, 0.01])
 def test_fraction_scales_counts_and_keeps_every_group(fraction):
     jobs = synthetic.plan_jobs(SynthConfig(fraction=fraction))
-    rows = synthetic.load_patients()
+    rows = load_patients()
     assert len(jobs) == 82 * 4 and all(j.count >= 1 for j in jobs)
     total = sum(j.count for j in jobs)
     if fraction == 1.0:
@@ -73,7 +76,7 @@ def test_fraction_scales_counts_and_keeps_every_group(fraction):
         expected = sum(max(1.0, n * fraction) for r in rows for n in r.counts)
         assert abs(total - expected) <= 82 * 4 * 0.5
     assert all(j.count <= rows[j.index].count(j.magnification) for j in jobs)
-    assert {rows[j.index].code for j in jobs} == set(synthetic.SUBTYPE_CODES.values())
+    assert {rows[j.index].code for j in jobs} == set(SUBTYPE_CODES.values())
 
 
 @pytest.mark.parametrize("n", [2, 5, 8, 12, 40])
@@ -99,7 +102,7 @@ def _parse_dsfold(text: str) -> list[tuple[str, int, int, str]]:
 
 
 def test_official_folds_are_patient_disjoint_and_keep_the_13412_leak():
-    rows = list(synthetic.load_patients())
+    rows = list(load_patients())
     folds = synthetic.official_folds(rows, seed=0)
     assert len(folds) == 5
     assert len({tuple(sorted(f.items())) for f in folds}) == 5  # five different splits
@@ -108,7 +111,7 @@ def test_official_folds_are_patient_disjoint_and_keep_the_13412_leak():
         assert set(split) == {r.folder for r in rows}
         test_share = sum(v == "test" for v in split.values()) / len(split)
         assert 0.22 <= test_share <= 0.38
-        for code in synthetic.SUBTYPE_CODES.values():
+        for code in SUBTYPE_CODES.values():
             sides = {split[r.folder] for r in rows if r.code == code}
             assert sides == {"train", "test"}
         assert split["SOB_M_DC_14-13412"] == "train" and split["SOB_M_LC_14-13412"] == "test"
@@ -127,18 +130,19 @@ def _files(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name not in ("synth.json", "config.yaml", "samples_grid.png")
+        if p.is_file() and p.name not in ("synth.json", "config.yaml", "versions.json", "samples_grid.png")
     }
 
 
 @pytest.mark.ray
-def test_ray_run_writes_the_tree_and_matches_single_process(ray_session, tmp_path, capsys):
+def test_ray_run_writes_the_tree_and_matches_single_process(ray_session, tmp_path, caplog):
     from breakhis_ray.cli import main
 
     out_ray, out_local = tmp_path / "ray", tmp_path / "local"
     args = ["--patients", "9", "--fraction", "0.05", "--size", "64x48", "--seed", "3"]
-    assert main(["synth", "--out", str(out_ray), *args, "task_cpus=0.5"]) == 0
-    printed = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="breakhis_ray"):
+        assert main(["synth", "--out", str(out_ray), *args, "task_cpus=0.5"]) == 0
+    printed = caplog.text
     assert "img/s" in printed and str(out_ray) in printed
 
     cfg = SynthConfig(out=str(out_local), patients=9, fraction=0.05, size=(64, 48), seed=3)
@@ -150,7 +154,7 @@ def test_ray_run_writes_the_tree_and_matches_single_process(ray_session, tmp_pat
     images = [k for k in ray_files if k.startswith("BreaKHis_v1/") and k.endswith(".png")]
     assert len(images) == sum(j.count for j in jobs) == summary["images"]
     assert {k.split("/")[3] for k in images} == {"benign", "malignant"}
-    assert {k.split("/")[5] for k in images} == set(synthetic.SUBTYPE_CODES)
+    assert {k.split("/")[5] for k in images} == set(SUBTYPE_CODES)
     assert {f"dsfold{i}.txt" for i in range(1, 6)} <= set(ray_files)
     for path in images[:5]:
         rgb = np.asarray(Image.open(io.BytesIO(ray_files[path])))
@@ -163,6 +167,7 @@ def test_ray_run_writes_the_tree_and_matches_single_process(ray_session, tmp_pat
     on_disk = json.loads((out_ray / "synth.json").read_text())
     assert on_disk["images"] == summary["images"] and on_disk["mode"] == "ray"
     assert "difficulty: 0.5" in (out_ray / "config.yaml").read_text()
+    assert "numpy" in json.loads((out_ray / "versions.json").read_text())
     grid = Image.open(out_ray / "samples_grid.png")
     assert grid.size[0] > 400 and grid.size[1] > 600
 
@@ -188,8 +193,8 @@ def test_class_signal_is_learnable_and_patient_split_is_harder():
     from sklearn.preprocessing import StandardScaler
 
     X, y, groups = [], [], []
-    for row in synthetic.load_patients():
-        params = synthetic.patient_params_for_index(0, row.index, 0.5)
+    for row in load_patients():
+        params = render.patient_params_for_index(0, row.index, 0.5)
         for mag in MAGNIFICATIONS:
             for seq in (1, 2):
                 rgb, _, _ = render.render_tile(0, params, mag, seq, (140, 92), 0.5)
@@ -229,6 +234,6 @@ def test_ray_tasks_write_to_object_storage(ray_session, s3_server):
     images = [f for f in files if "/BreaKHis_v1/" in f and f not in masks]
     assert len(images) == summary["images"] == 32 and len(masks) == 2 * len(images)
     assert all(f.startswith("s3://") for f in files)
-    first = synthetic.load_patients()[synthetic.plan_jobs(cfg)[0].index]
+    first = load_patients()[synthetic.plan_jobs(cfg)[0].index]
     assert storage.exists(storage.join(out, first.relative_path(40, 1)))
     assert json.loads(storage.read_text(storage.join(out, "synth.json")))["images"] == 32

@@ -45,6 +45,114 @@ def test_strategy_plan_covers_the_papers_four_strategies_and_warmup(tmp_path):
     assert strategy_plan(no_weights)[0] is False  # nothing to load: the backbone starts random
 
 
+# ------------------------------------------------------------------------------- the loop (no Ray)
+def _tiny_learner(**kw):
+    import torch
+
+    from breakhis_ray.train import classifier, loop
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return loop.Learner(model, torch.nn.CrossEntropyLoss(), optimizer, None, torch.device("cpu"),
+                        classifier.batch_stats, classifier.ZERO_SUMS, **kw)
+
+
+def _batches(n: int, size: int = 3):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, 4, generator=g), torch.randint(0, 2, (size,), generator=g)) for _ in range(n)]
+
+
+def test_build_optimizer_follows_the_optimiser_section():
+    import torch
+
+    from breakhis_ray.config import OptimConfig, SegOptimConfig
+    from breakhis_ray.train.loop import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    for name, cls in [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)]:
+        optimizer, _ = build_optimizer(SegOptimConfig(optimizer=name, lr=0.01), params)
+        assert type(optimizer) is cls and optimizer.param_groups[0]["lr"] == 0.01
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.5}, {"params": params}]
+    optimizer, scheduler = build_optimizer(OptimConfig(lr=1.0, scheduler="step", step_size=2), groups)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.5, 1.0]  # a group's own lr wins
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.05, 0.1])
+    _, constant = build_optimizer(OptimConfig(scheduler="none"), params)
+    assert isinstance(constant, torch.optim.lr_scheduler.LambdaLR)
+
+
+def test_epoch_sums_keep_counts_exact_and_stop_at_max_steps():
+    learner = _tiny_learner(max_steps=2)
+    from breakhis_ray.train.loop import evaluate, train_one_epoch
+
+    train = train_one_epoch(learner, _batches(5))
+    assert train["seen"] == 6 and isinstance(train["seen"], int)  # two steps of three
+    assert train["tp"] + train["tn"] + train["fp"] + train["fn"] == 6 and train["seconds"] > 0
+    val = evaluate(learner, _batches(4))
+    assert val["seen"] == 12 and val["correct"] == val["tp"] + val["tn"]
+    assert evaluate(learner, []) == dict(learner.zero)  # ranks without validation add zeros
+
+
+def test_evaluate_runs_the_bare_module_inside_a_wrapper():
+    import torch
+
+    from breakhis_ray.train.loop import evaluate
+
+    class Wrapper(torch.nn.Module):  # stands in for DDP: its own forward would wait on other ranks
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x):
+            raise AssertionError("evaluate must not call the wrapper")
+
+    learner = _tiny_learner()
+    bare = evaluate(learner, _batches(2))
+    learner.model = Wrapper(learner.model)
+    assert evaluate(learner, _batches(2)) == bare
+
+
+def test_rng_state_round_trip_restores_every_generator():
+    import random
+
+    import numpy as np
+    import torch
+
+    from breakhis_ray.train.loop import rng_state, seed_everything, set_rng_state
+
+    seed_everything(3)
+    state = rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_classifier_epoch_metrics_from_summed_counts():
+    from breakhis_ray.train.classifier import epoch_metrics
+
+    train = {"loss_sum": 4.0, "correct": 6, "seen": 8, "seconds": 2.0}
+    val = {"loss_sum": 2.0, "tp": 3, "tn": 4, "fp": 0, "fn": 3, "seen": 10}
+    m = epoch_metrics(train, val, world_size=2)
+    assert m["train_loss"] == 0.5 and m["train_accuracy"] == 0.75 and m["val_accuracy"] == 0.7
+    assert m["val_balanced_accuracy"] == pytest.approx((0.5 + 1.0) / 2)
+    assert m["val_f1"] == pytest.approx(6 / 9) and m["train_images_per_s"] == 8.0
+
+
+def test_the_loop_imports_no_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, breakhis_ray.train.loop; "
+            "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------- Ray Train
 def test_warmup_freezes_then_unfreezes_backbone(tiny_breakhis, tmp_path):
     from breakhis_ray.train import run_train
 

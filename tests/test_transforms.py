@@ -10,20 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from breakhis_ray.config import AugmentConfig
+from breakhis_ray.config import AugmentConfig, parse_hw
 from breakhis_ray.data import augment
+from breakhis_ray.data.decode import ImageRejected
 from breakhis_ray.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     PreprocessSpec,
-    decode_image,
     normalize,
-    parse_hw,
     prepare_bytes,
     prepare_uint8,
     preprocess_bytes,
     resize_uint8,
 )
+from breakhis_ray.domain import IMAGENET_MEAN, IMAGENET_STD
 from breakhis_ray.errors import DataError
 
 
@@ -33,61 +31,21 @@ def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     return buf.getvalue()
 
 
-def _palette_image(colour) -> Image.Image:
-    img = Image.new("P", (5, 4), 0)
-    img.putpalette(list(colour) * 256)
-    return img
-
-
 def random_rgb(h: int = 30, w: int = 40, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
 # ------------------------------------------------------------------------------------------------ decode
-def test_decode_rgb_png_is_lossless():
+def test_prepare_bytes_decodes_with_the_one_decoder_and_its_guard():
+    """Decoding itself is tested in test_decode.py; here: prepare_bytes goes through it, bomb guard included."""
     arr = random_rgb()
-    out = decode_image(encode(Image.fromarray(arr)))
-    assert out.dtype == np.uint8 and out.shape == (30, 40, 3)
-    np.testing.assert_array_equal(out, arr)
-
-
-@pytest.mark.parametrize(
-    "make, expected",
-    [
-        (lambda: Image.new("L", (5, 4), 100), (100, 100, 100)),
-        (lambda: Image.new("1", (5, 4), 1), (255, 255, 255)),
-        (lambda: Image.new("RGBA", (5, 4), (10, 20, 30, 255)), (10, 20, 30)),
-        (lambda: Image.new("RGBA", (5, 4), (10, 20, 30, 0)), (255, 255, 255)),  # transparent -> white
-        (lambda: Image.new("LA", (5, 4), (50, 0)), (255, 255, 255)),
-        (lambda: _palette_image((200, 0, 0)), (200, 0, 0)),
-        (lambda: Image.fromarray(np.full((4, 5), 65535, np.uint16)), (255, 255, 255)),  # I;16
-        (lambda: Image.fromarray(np.full((4, 5), 32896, np.uint16)), (128, 128, 128)),
-        (lambda: Image.fromarray(np.zeros((4, 5), np.uint16)), (0, 0, 0)),
-    ],
-    ids=["L", "1", "RGBA-opaque", "RGBA-transparent", "LA", "P", "I16-max", "I16-mid", "I16-zero"],
-)
-def test_decode_converts_every_mode_to_rgb(make, expected):
-    img = make()
-    out = decode_image(encode(img))
-    assert out.shape == (4, 5, 3) and out.dtype == np.uint8
-    assert tuple(out[0, 0]) == expected
-
-
-def test_decode_palette_with_transparency_and_jpeg_cmyk():
-    pal = Image.new("P", (6, 6), 0)
-    pal.putpalette([0, 0, 255] + [0, 255, 0] * 255)
-    pal.info["transparency"] = 0
-    assert tuple(decode_image(encode(pal))[0, 0]) == (255, 255, 255)
-    cmyk = Image.new("CMYK", (8, 8), (0, 0, 0, 0))
-    out = decode_image(encode(cmyk, "JPEG"))
-    assert out.shape == (8, 8, 3) and out.min() > 240
-
-
-def test_decode_rejects_garbage():
-    with pytest.raises(DataError, match="cannot decode"):
-        decode_image(b"not an image")
-    with pytest.raises(DataError):
-        decode_image("a string")  # type: ignore[arg-type]
+    data = encode(Image.fromarray(arr))
+    np.testing.assert_array_equal(prepare_bytes([data], PreprocessSpec(size=(30, 40)))[0], arr)
+    with pytest.raises(ImageRejected) as info:
+        prepare_bytes([data], PreprocessSpec(size=(30, 40)), max_pixels=30 * 40 - 1)
+    assert info.value.reason == "too_large"
+    with pytest.raises(DataError, match="not_an_image"):
+        preprocess_bytes([b"not an image"], PreprocessSpec(size=(30, 40)))
 
 
 # ------------------------------------------------------------------------------------------------ resize

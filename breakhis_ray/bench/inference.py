@@ -23,26 +23,28 @@ cores (on CPU: ``min(raw x concurrency, cores / (decode s/img + model s/img x to
 Each is done for the classifier alone and for U-Net + classifier. Images are synthetic H&E-like tiles at the
 BreakHis size (700x460 PNG) unless ``image_size`` says otherwise; models have random weights.
 
-Usage: ``python benchmarks/inference.py --n-images 40 [--json results.json]``. With ``profile``, a
-cProfile of the raw Predictor pass (where the model stage's time goes) is returned under ``profile``.
+Sizes come from :class:`~breakhis_ray.config.BenchInferenceSection` (``breakhis-ray bench
+inference.n_images=...``; ``python benchmarks/inference.py`` runs this section alone through the same config).
+With ``profile``, a cProfile of the raw Predictor pass (where the model stage's time goes) is returned under
+``profile``.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from breakhis_ray.bench.memory import PeakSampler, process_tree_rss
 from breakhis_ray.config import InferConfig, validate_config
+
+if TYPE_CHECKING:  # pragma: no cover
+    from breakhis_ray.config import BenchInferenceSection
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -203,33 +205,30 @@ def pipeline_stats(cfg_values: dict) -> str:
 
 
 def run_inference_benchmark(
-    n_images: int = 40,
+    section: "BenchInferenceSection",
     *,
-    scale: int = 10,
-    image_size: tuple[int, int] = (460, 700),
-    classifier: str = "tiny_cnn",
-    input_size: int = 224,
-    segment_size: int = 256,
-    batch_size: int = 16,
-    num_cpus: float = 0.5,
     num_gpus: float = 0.0,
-    concurrency: int = 1,
-    decode_num_cpus: float = 1.0,
-    decode_batch_size: int = 16,
     workdir: str | None = None,
     sample_interval: float = 0.1,
-    profile: bool = False,
 ) -> dict[str, Any]:
     """Pipeline vs raw model throughput and peak memory at ``n_images`` and ``scale * n_images``.
 
-    ``image_size`` is (H, W) of the synthetic PNGs; ``classifier`` any ``create_model`` name (random
-    weights) at ``input_size``; the U-Net (resnet18 encoder) sees ``segment_size`` squares.
-    Returns a JSON-safe dict (see the module docstring for every number); ``profile``: each mode also
-    holds a cProfile text of its raw Predictor pass under ``profile``, and ``pipeline_stats`` holds Ray
-    Data's statistics of one more (untimed) classifier pipeline pass over the ``scale * N`` images.
+    ``section`` gives the sizes: ``image_size`` is (H, W) of the synthetic PNGs; ``classifier`` any
+    ``create_model`` name (random weights) at ``input_size``; the U-Net (resnet18 encoder) sees
+    ``segment_size`` squares. ``num_gpus`` per actor is resolved by the caller (``section.num_gpus`` may be
+    null: "1 with CUDA"). Returns a JSON-safe dict (see the module docstring for every number); with
+    ``section.profile``, each mode also holds a cProfile text of its raw Predictor pass under ``profile``, and
+    ``pipeline_stats`` holds Ray Data's statistics of one more (untimed) classifier pipeline pass over the
+    ``scale * N`` images.
     """
     from breakhis_ray.config import RayConfig
     from breakhis_ray.ray_utils import cpu_count, ensure_ray
+
+    n_images, scale, image_size = section.n_images, section.scale, tuple(section.image_size)
+    classifier, input_size, segment_size = section.classifier, section.input_size, section.segment_size
+    batch_size, num_cpus, concurrency = section.batch_size, section.num_cpus, section.concurrency
+    decode_num_cpus, decode_batch_size = section.decode_num_cpus, section.decode_batch_size
+    profile = section.profile
 
     work = Path(workdir or tempfile.mkdtemp(prefix="bench-infer-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -318,47 +317,3 @@ def derived_ratios(entry: dict[str, Any], cores: int, threads: int, concurrency:
         "attainable_images_per_s": round(attainable, 2),
         "ratio_vs_attainable": round(steady / attainable, 3),
     }
-
-
-def format_table(results: dict) -> str:
-    rows = []
-    for mode in ("classifier", "unet_classifier"):
-        e = results[mode]
-        rows.append(
-            f"{mode:16s} raw_forward={e.get('raw_forward_images_per_s', '-')!s:>8} "
-            f"raw_predictor={e['raw_predictor_images_per_s']:>8} decode_1core={e['decode_1core_images_per_s']:>7} "
-            f"pipeline N={e['pipeline_n']['images_per_s']:>6} {results['scale']}N="
-            f"{e['pipeline_scale_n']['images_per_s']:>6} marginal={e['marginal_images_per_s']!s:>6} img/s | "
-            f"peak RSS N={e['pipeline_n']['peak_rss_mb']:.0f} MB {results['scale']}N="
-            f"{e['pipeline_scale_n']['peak_rss_mb']:.0f} MB ratio={e['peak_rss_ratio']}")
-    return "\n".join(rows)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-images", type=int, default=40)
-    parser.add_argument("--scale", type=int, default=10)
-    parser.add_argument("--classifier", default="tiny_cnn")
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--segment-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-gpus", type=float, default=0.0)
-    parser.add_argument("--num-cpus", type=float, default=0.5)
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--json", dest="json_out", default=None, help="write the results here")
-    args = parser.parse_args(argv)
-    results = run_inference_benchmark(
-        args.n_images, scale=args.scale, classifier=args.classifier, input_size=args.input_size,
-        segment_size=args.segment_size, batch_size=args.batch_size, num_gpus=args.num_gpus,
-        num_cpus=args.num_cpus, workdir=args.workdir)
-    print(format_table(results))
-    text = json.dumps(results, indent=2)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
-    else:
-        print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

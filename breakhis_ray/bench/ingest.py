@@ -9,7 +9,7 @@ Every contender produces the same thing, ``float32 (N, 3, size, size)`` batches 
 * ``ray_shards_resized``: the same over shards that ``prepare --resize`` stored at the model size (the
   design lets the one-off preparation pay for the big decode);
 * ``dataloader``: ``torch.utils.data.DataLoader`` over the loose PNG files, ``num_workers`` = cores,
-  the same decode + resize (:mod:`breakhis_ray.data.transforms`) in the workers;
+  the same decode (:mod:`breakhis_ray.data.decode`) + resize in the workers;
 * ``pil_decode_1core``: a plain loop decoding the PNG bytes (already in memory) with PIL on one core, and
   ``decode_limit`` = that rate times the cores: the hardware limit for full-size images.
 
@@ -23,25 +23,27 @@ Data: a small synthetic BreakHis (:func:`breakhis_ray.data.synthetic.run_synth`,
 images) prepared twice with :func:`breakhis_ray.data.shards.run_prepare` (``source="synthetic"``), or
 smooth random PNGs and shards written here (``source="random"``, faster to make).
 
-Usage: ``python benchmarks/ingest.py --n-images 200`` (prints a table, writes ``ingest.json`` in the work dir).
+Sizes come from :class:`~breakhis_ray.config.BenchIngestSection` (``breakhis-ray bench ingest.n_images=...``;
+``python benchmarks/ingest.py`` runs this section alone through the same config).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from breakhis_ray import storage
 from breakhis_ray.config import DataConfig
-from breakhis_ray.data.transforms import PreprocessSpec, decode_image, normalize, resize_uint8
+from breakhis_ray.data.decode import decode_rgb
+from breakhis_ray.data.transforms import PreprocessSpec, normalize, resize_uint8
+
+if TYPE_CHECKING:  # pragma: no cover
+    from breakhis_ray.config import BenchIngestSection
 
 
 # ------------------------------------------------------------------------------------------- data setup
@@ -162,7 +164,7 @@ class _LoosePngs:
         import torch
 
         with open(self.paths[i], "rb") as f:
-            img = resize_uint8(decode_image(f.read()), self.spec.size)
+            img = resize_uint8(decode_rgb(f.read()), self.spec.size)
         return torch.from_numpy(np.ascontiguousarray(img)), i % 2
 
 
@@ -182,7 +184,7 @@ def _bench_decode(paths: list[str]) -> tuple[int, float]:
     blobs = [Path(p).read_bytes() for p in paths]
     start = time.perf_counter()
     for blob in blobs:
-        decode_image(blob)
+        decode_rgb(blob)
     return len(blobs), time.perf_counter() - start
 
 
@@ -198,20 +200,11 @@ def _marginal(small: tuple[int, float], large: tuple[int, float]) -> float:
     return extra_n / extra_s if extra_s > 0 else large[0] / max(large[1], 1e-9)
 
 
-def run_ingest_benchmark(
-    n_images: int = 200,
-    size: int = 224,
-    *,
-    workdir: str | None = None,
-    batch_size: int = 32,
-    workers: int | None = None,
-    source: str = "synthetic",
-    seed: int = 0,
-    decode_num_cpus: float = 0.5,
-    decode_batch_size: int = 16,
-) -> dict[str, Any]:
+def run_ingest_benchmark(section: "BenchIngestSection", *, seed: int = 0,
+                         workdir: str | None = None) -> dict[str, Any]:
     """Measure images/s of every contender on the same images; returns rates, ratios and the setup.
 
+    ``section`` gives the sizes; ``workdir`` keeps the data (default: a temporary folder, removed after).
     ``profile`` in the result holds Ray Data's per-operator statistics of the ``ray_shards`` pass (text).
     """
     import ray
@@ -220,9 +213,12 @@ def run_ingest_benchmark(
     from breakhis_ray.config import RayConfig
     from breakhis_ray.ray_utils import cpu_count, ensure_ray
 
+    n_images, size, batch_size, source = section.n_images, section.size, section.batch_size, section.source
+    decode_num_cpus, decode_batch_size = section.decode_num_cpus, section.decode_batch_size
     if source not in ("synthetic", "random"):
         raise ValueError(f"source must be 'synthetic' or 'random', got {source!r}")
     cores = cpu_count()
+    workers = section.workers
     workers = cores if workers is None else workers
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -290,48 +286,4 @@ def run_ingest_benchmark(
         },
         "profile": "Ray Data statistics of the ray_shards pass (read, decode, materialize, iterate):\n" + stats,
     }
-    if own_tmp is None:
-        (work / "ingest.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    rates, secs, imgs = summary["images_per_s"], summary["seconds"], summary["images"]
-    steady = summary["steady_images_per_s"]
-    dl = rates["dataloader"]
-    lines = [
-        f"ingest: {summary['n_images']} images ({summary['data_source']}), resize to {summary['size']}, "
-        f"{summary['cores']} cores, batch {summary['batch_size']}, Ray {summary['ray_version']}",
-        f"{'contender':<22}{'images':>8}{'seconds':>10}{'img/s':>10}{'vs dataloader':>15}{'steady img/s':>14}",
-    ]
-    for name in ("ray_shards_resized", "ray_shards", "ray_cached_epoch", "dataloader", "pil_decode_1core",
-                 "decode_limit"):
-        n = imgs.get(name, "")
-        s = secs.get(name, "")
-        st = f"{steady[name]:.1f}" if name in steady else ""
-        lines.append(f"{name:<22}{n!s:>8}{s!s:>10}{rates[name]:>10.1f}{rates[name] / dl:>14.2f}x{st:>14}")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-images", type=int, default=200)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores)")
-    parser.add_argument("--source", choices=["synthetic", "random"], default="synthetic")
-    parser.add_argument("--workdir", default=None, help="keep data and ingest.json here (default: a temp dir)")
-    parser.add_argument("--decode-num-cpus", type=float, default=0.5)
-    parser.add_argument("--decode-batch-size", type=int, default=16)
-    args = parser.parse_args(argv)
-    summary = run_ingest_benchmark(
-        args.n_images, args.size, workdir=args.workdir, batch_size=args.batch_size, workers=args.workers,
-        source=args.source, decode_num_cpus=args.decode_num_cpus, decode_batch_size=args.decode_batch_size,
-    )
-    print(format_table(summary))
-    print(json.dumps(summary["ratios"]))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,6 @@
-"""Run every enabled benchmark of a :class:`~breakhis_ray.config.BenchConfig` in one process tree, print the
-table and write the results JSON with the profile beside it.
+"""Run every enabled benchmark of a :class:`~breakhis_ray.config.BenchConfig` in one process tree, log the
+table and write the results JSON with the profile, the resolved config and the library versions beside it
+(``runs/bench/bench.json``: ``bench.profile.txt``, ``bench.config.yaml``, ``bench.versions.json``).
 
 The JSON is stable across runs: ``machine``, ``config``, ``wall_s``, ``seconds`` and ``others_cpu_cores``
 (per section: average cores busy with processes outside this run, the noise on a shared machine), ``targets``
@@ -12,14 +13,16 @@ and one object per section: ``ingest`` (``images_per_s``, ``ratio_vs_dataloader`
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from breakhis_ray import storage
+from breakhis_ray.artifacts import config_text, versions, write_json, write_text_atomic
 from breakhis_ray.config import BenchConfig, dump_config
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -38,10 +41,7 @@ def _scratch(workdir: str | None) -> Iterator[Path]:
 def _ingest(cfg: BenchConfig, work: Path, gpus: int) -> dict:
     from breakhis_ray.bench.ingest import run_ingest_benchmark
 
-    s = cfg.ingest
-    return run_ingest_benchmark(s.n_images, s.size, workdir=str(work), batch_size=s.batch_size, workers=s.workers,
-                                source=s.source, seed=cfg.seed, decode_num_cpus=s.decode_num_cpus,
-                                decode_batch_size=s.decode_batch_size)
+    return run_ingest_benchmark(cfg.ingest, seed=cfg.seed, workdir=str(work))
 
 
 def _train(cfg: BenchConfig, work: Path, gpus: int) -> dict:
@@ -50,11 +50,7 @@ def _train(cfg: BenchConfig, work: Path, gpus: int) -> dict:
     s = cfg.train
     use_gpu = gpus > 0 if s.use_gpu is None else s.use_gpu
     scale = s.scale_workers if not use_gpu or s.scale_workers <= gpus else 0
-    out = run_train_benchmark(s.models, image_size=s.image_size, batch_size=s.batch_size,
-                              warmup_steps=s.warmup_steps, warmup_s=s.warmup_s, steps=s.steps,
-                              torch_threads=s.torch_threads,
-                              cpus_per_worker=s.cpus_per_worker, scale_workers=scale, use_gpu=use_gpu,
-                              seed=cfg.seed, workdir=str(work))
+    out = run_train_benchmark(s, use_gpu=use_gpu, scale_workers=scale, seed=cfg.seed, workdir=str(work))
     if scale != s.scale_workers:
         out["note"] = f"{s.scale_workers} workers skipped: {gpus} GPU(s) visible"
     return out
@@ -64,12 +60,8 @@ def _inference(cfg: BenchConfig, work: Path, gpus: int) -> dict:
     from breakhis_ray.bench.inference import run_inference_benchmark
 
     s = cfg.inference
-    out = run_inference_benchmark(
-        s.n_images, scale=s.scale, image_size=s.image_size, classifier=s.classifier, input_size=s.input_size,
-        segment_size=s.segment_size, batch_size=s.batch_size, num_cpus=s.num_cpus,
-        num_gpus=(1.0 if gpus else 0.0) if s.num_gpus is None else s.num_gpus, concurrency=s.concurrency,
-        decode_num_cpus=s.decode_num_cpus, decode_batch_size=s.decode_batch_size, workdir=str(work),
-        profile=s.profile)
+    num_gpus = (1.0 if gpus else 0.0) if s.num_gpus is None else s.num_gpus
+    out = run_inference_benchmark(s, num_gpus=num_gpus, workdir=str(work))
     modes = [out[m] for m in ("classifier", "unet_classifier")]
     out["ratio_vs_raw"] = min(m["ratio_vs_raw"] for m in modes)
     out["memory_ratio_10x"] = max(m["peak_rss_ratio"] for m in modes)
@@ -79,9 +71,7 @@ def _inference(cfg: BenchConfig, work: Path, gpus: int) -> dict:
 def _synth(cfg: BenchConfig, work: Path, gpus: int) -> dict:
     from breakhis_ray.bench.synth import run_synth_benchmark
 
-    s = cfg.synth
-    return run_synth_benchmark(fraction=s.fraction, patients=s.patients, size=s.size, masks=s.masks,
-                               task_cpus=s.task_cpus, seed=cfg.seed, workdir=str(work))
+    return run_synth_benchmark(cfg.synth, seed=cfg.seed, workdir=str(work))
 
 
 STAGES: tuple[tuple[str, Callable[[BenchConfig, Path, int], dict]], ...] = (
@@ -102,10 +92,14 @@ def _pop_profiles(results: dict[str, Any]) -> dict[str, str]:
     return pieces
 
 
+def _beside(json_out: str, suffix: str) -> str:
+    stem = json_out[: -len(".json")] if json_out.endswith(".json") else json_out
+    return stem + suffix
+
+
 def profile_uri(json_out: str) -> str:
     """``runs/bench/bench.json`` -> ``runs/bench/bench.profile.txt``."""
-    stem = json_out[: -len(".json")] if json_out.endswith(".json") else json_out
-    return stem + ".profile.txt"
+    return _beside(json_out, ".profile.txt")
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -150,13 +144,12 @@ def _niceness_of_a_worker() -> int | None:
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    """Run the enabled sections in order (ingest, train, inference, synth); print the table; write the JSON
-    (``cfg.json_out``) and the profile beside it; return the results."""
+    """Run the enabled sections in order (ingest, train, inference, synth); log the table; write the JSON
+    (``cfg.json_out``), the profile and the provenance beside it; return the results."""
     from breakhis_ray.bench.machine import load_average, machine_info
     from breakhis_ray.bench.memory import OthersCpu
-    from breakhis_ray.bench.table import evaluate_targets, format_profile, format_table
-
     from breakhis_ray.allocator import keep_freed_memory
+    from breakhis_ray.bench.table import evaluate_targets, format_profile, format_table
 
     start = time.perf_counter()
     keep_freed_memory()  # the baselines run here: the same allocator setting as the Ray workers and actors
@@ -169,7 +162,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         for name, stage in STAGES:
             if not getattr(cfg, name).enabled:
                 continue
-            print(f"bench: {name} ...", flush=True)
+            log.info("bench: %s ...", name)
             t0 = time.perf_counter()
             with OthersCpu() as others:
                 results[name] = stage(cfg, work / name, machine["gpu"]["count"])
@@ -180,9 +173,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     results["targets"] = evaluate_targets(results)
     pieces = _pop_profiles(results)
     table = format_table(results)
-    print(table, flush=True)
-    storage.write_text(cfg.json_out, json.dumps(results, indent=2) + "\n")
+    log.info("%s", table)
+    write_json(cfg.json_out, results)
     profile = profile_uri(cfg.json_out)
-    storage.write_text(profile, table + "\n\n" + format_profile(results, pieces) + "\n")
-    print(f"bench: wrote {cfg.json_out} and {profile}", flush=True)
+    write_text_atomic(profile, table + "\n\n" + format_profile(results, pieces) + "\n")
+    write_text_atomic(_beside(cfg.json_out, ".config.yaml"), config_text(cfg))
+    write_json(_beside(cfg.json_out, ".versions.json"), versions())
+    log.info("bench: wrote %s and %s", cfg.json_out, profile)
     return results

@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from breakhis_ray.config import BenchSynthSection
 
 
-def run_synth_benchmark(
-    *,
-    fraction: float = 0.1,
-    patients: int | None = 24,
-    size: tuple[int, int] = (700, 460),
-    masks: bool = True,
-    task_cpus: float = 0.5,
-    seed: int = 0,
-    workdir: str | None = None,
-) -> dict[str, Any]:
-    """images/s of the single-process and the Ray run, and ``ratio_ray_vs_single``."""
+def run_synth_benchmark(section: "BenchSynthSection", *, seed: int = 0,
+                        workdir: str | None = None) -> dict[str, Any]:
+    """images/s of the single-process and the Ray run, and ``ratio_ray_vs_single`` (sizes from ``section``)."""
     from breakhis_ray.config import RayConfig, SynthConfig
     from breakhis_ray.data.synthetic import run_synth
     from breakhis_ray.ray_utils import cpu_count, ensure_ray
+
+    fraction, patients, size = section.fraction, section.patients, tuple(section.size)
+    masks, task_cpus = section.masks, section.task_cpus
 
     ensure_ray(RayConfig(num_cpus=cpu_count()))
     own_tmp = tempfile.TemporaryDirectory(prefix="breakhis-bench-synth-") if workdir is None else None

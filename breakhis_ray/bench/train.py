@@ -3,9 +3,9 @@
 The same model (``create_model`` name, random init), the same data and the same batch size on every side:
 
 * ``plain``: a loop in this process over uint8 batches sliced from in-memory arrays, normalised on the
-  device, through the project's own :func:`breakhis_ray.train.train_one_epoch` step (forward, loss,
+  device, through the project's own :func:`breakhis_ray.train.classifier.train_one_epoch` step (forward, loss,
   backward, optimiser step); run before and after ``ray_1w``, the faster of the two is kept;
-* ``ray_<k>w``: ``TorchTrainer`` (:func:`breakhis_ray.train_common.make_trainer`) with ``k`` workers
+* ``ray_<k>w``: ``TorchTrainer`` (:func:`breakhis_ray.train.ray_glue.make_trainer`) with ``k`` workers
   over a materialized Ray dataset of the same rows, batches from
   :func:`breakhis_ray.data.pipeline.iter_train_batches` on each worker's shard (Ray Data ingest included),
   DDP when ``k > 1`` (prepared as training prepares it).
@@ -23,11 +23,12 @@ rest (``compute``). ``images_per_s`` of a multi-worker run is the sum of its wor
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 from pydantic import Field
@@ -45,6 +46,11 @@ from breakhis_ray.config import (
     validate_config,
 )
 from breakhis_ray.errors import BreakhisError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from breakhis_ray.config import BenchTrainSection
+
+log = logging.getLogger(__name__)
 
 
 class StepTimer:
@@ -130,18 +136,18 @@ def _step_parts(job: StepJob, device):
     import torch
 
     from breakhis_ray.losses import create_loss
-    from breakhis_ray.train import build_model, preprocess_spec
+    from breakhis_ray.train.classifier import build_model, classifier_spec
 
     torch.manual_seed(job.train.train.seed)
     model = build_model(job.train).to(device)
     loss_fn = create_loss(job.train.loss.name).to(device)
-    return model, loss_fn, preprocess_spec(job.train)
+    return model, loss_fn, classifier_spec(job.train)
 
 
 def _run_steps(job: StepJob, model, batches, loss_fn, device) -> dict[str, float]:
-    from breakhis_ray.train import build_optimizer, train_one_epoch
+    from breakhis_ray.train.classifier import make_optimizer, train_one_epoch
 
-    optimizer, _ = build_optimizer(job.train, model)
+    optimizer, _ = make_optimizer(job.train, model)
     timer = StepTimer(batches, job.warmup_steps, job.steps)
     amp = job.train.train.amp and device.type == "cuda"
     train_one_epoch(model, timer, loss_fn, optimizer, device, amp=amp, grad_clip=None)
@@ -180,7 +186,7 @@ def ray_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from breakhis_ray.data.pipeline import iter_train_batches
-    from breakhis_ray.train_common import all_reduce_sums
+    from breakhis_ray.train.loop import all_reduce_sums
 
     job = validate_config(StepJob, config)
     torch.set_num_threads(job.torch_threads)
@@ -203,7 +209,7 @@ def ray_trainer(job: StepJob, seed: int, storage_path: str) -> dict[str, float]:
     """The Ray Train side: ``job.train.scaling.num_workers`` workers over a materialized dataset."""
     import ray.data
 
-    from breakhis_ray.train_common import fit, make_trainer, quiet_data_progress
+    from breakhis_ray.train.ray_glue import fit, make_trainer, quiet_data_progress
 
     workers = job.train.scaling.num_workers
     size = job.train.data.image_size[0]
@@ -227,24 +233,26 @@ def _rounded(stats: dict[str, float]) -> dict[str, float]:
 
 
 def run_train_benchmark(
-    models: list[str],
+    section: "BenchTrainSection",
     *,
-    image_size: int = 128,
-    batch_size: int = 32,
-    warmup_steps: int = 5,
-    warmup_s: float = 5.0,
-    steps: int = 30,
-    torch_threads: int = 1,
-    cpus_per_worker: float = 1.0,
-    scale_workers: int = 2,
     use_gpu: bool = False,
+    scale_workers: int | None = None,
     seed: int = 0,
     workdir: str | None = None,
 ) -> dict[str, Any]:
-    """Per model: plain loop, Ray Train with 1 worker and with ``scale_workers`` (0: skipped); the ratios
-    ``ratio_ray_vs_plain`` (1 worker) and ``ratio_scale_vs_1`` (``scale_workers`` vs 1 worker)."""
+    """Per model of ``section.models``: plain loop, Ray Train with 1 worker and with ``scale_workers`` (0:
+    skipped); the ratios ``ratio_ray_vs_plain`` (1 worker) and ``ratio_scale_vs_1`` (``scale_workers`` vs 1).
+
+    ``use_gpu`` and ``scale_workers`` are resolved by the caller from the machine (``section.use_gpu`` may be
+    null: "when CUDA is there"; fewer GPUs than ``section.scale_workers`` skip the scaling run).
+    """
     from breakhis_ray.config import RayConfig
     from breakhis_ray.ray_utils import cpu_count, ensure_ray
+
+    models, image_size, batch_size = section.models, section.image_size, section.batch_size
+    warmup_steps, warmup_s, steps = section.warmup_steps, section.warmup_s, section.steps
+    torch_threads, cpus_per_worker = section.torch_threads, section.cpus_per_worker
+    scale_workers = section.scale_workers if scale_workers is None else scale_workers
 
     ensure_ray(RayConfig(num_cpus=cpu_count()))
     own_tmp = tempfile.TemporaryDirectory(prefix="breakhis-bench-train-") if workdir is None else None
@@ -272,8 +280,8 @@ def run_train_benchmark(
                 entry[key] = _rounded(ray_trainer(job(scale_workers, ray_warmup), seed, storage_path))
                 entry["ratio_scale_vs_1"] = round(entry[key]["images_per_s"] / entry["ray_1w"]["images_per_s"], 3)
             out["models"][model] = entry
-            print(f"bench train: {model} plain={entry['plain']['images_per_s']:.1f} "
-                  f"ray_1w={entry['ray_1w']['images_per_s']:.1f} img/s", flush=True)
+            log.info("bench train: %s plain=%.1f ray_1w=%.1f img/s", model, entry["plain"]["images_per_s"],
+                     entry["ray_1w"]["images_per_s"])
     finally:
         if own_tmp is not None:
             own_tmp.cleanup()

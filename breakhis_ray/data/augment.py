@@ -25,6 +25,10 @@ Hence, with ``DataConfig.seed`` set:
   and a run resumed from a checkpoint starts counting again from 0.
 
 With ``seed=None`` each batch draws fresh OS entropy: epochs differ, runs are not reproducible.
+
+Image/mask pairs (:func:`augment_pairs`, :class:`PairAugment`: U-Net training and the mask channel of
+segmentation-guided classification) draw the same way; flips and quarter turns move every pixel column
+(``mask`` included) with the image, HED and colour jitter change ``image`` only.
 """
 
 from __future__ import annotations
@@ -181,3 +185,69 @@ class RandomAugment:
         if "key" not in batch:
             raise DataError("seeded augmentation needs a 'key' column (stable per-row hash of 'path')")
         return augment_batch(batch, cfg, sample_rngs(self.seed, execution_index(), batch["key"]))
+
+
+# ------------------------------------------------------------------------------------ image/mask pairs
+def _geometry_and_colour(cfg: AugmentConfig) -> tuple[AugmentConfig, AugmentConfig]:
+    geometry = cfg.model_copy(update={"hed_jitter": 0.0, "color_jitter": 0.0, "random_resized_crop": False})
+    colour = cfg.model_copy(update={"hflip": False, "vflip": False, "rot90": False, "random_resized_crop": False})
+    return geometry, colour
+
+
+def augment_pairs(batch: dict[str, np.ndarray], cfg: AugmentConfig, rngs: Sequence[np.random.Generator],
+                  pixel_columns: Sequence[str] = ("mask",)) -> dict[str, np.ndarray]:
+    """Random flips/quarter turns applied identically to ``image`` and each ``(N, H, W)`` column in
+    ``pixel_columns``; HED and colour jitter to ``image`` only. Other columns pass through.
+
+    Built on :func:`augment_image`: the mask columns ride along as extra channels of the image for the
+    geometric part, so both see exactly the same transform.
+    """
+    if cfg.random_resized_crop:
+        raise DataError("random_resized_crop is not supported for image/mask pairs")
+    images = np.asarray(batch["image"])
+    columns = [c for c in pixel_columns if c in batch]
+    if not cfg.enabled or len(images) == 0:
+        return batch
+    if len(rngs) != len(images):
+        raise DataError(f"augment_pairs got {len(rngs)} generators for {len(images)} images")
+    geometry, colour = _geometry_and_colour(cfg)
+    extra = [np.asarray(batch[c]) for c in columns]
+    for c, arr in zip(columns, extra):
+        if arr.shape != images.shape[:3] or arr.dtype != np.uint8:
+            raise DataError(f"column {c!r} must be uint8 {images.shape[:3]}, got {arr.dtype} {arr.shape}")
+    out_images = np.empty_like(images)
+    out_extra = [np.empty_like(a) for a in extra]
+    for i, rng in enumerate(rngs):
+        stacked = np.concatenate([images[i], *[a[i][..., None] for a in extra]], axis=-1)
+        moved = augment_image(stacked, geometry, rng)
+        out_images[i] = augment_image(np.ascontiguousarray(moved[..., :3]), colour, rng)
+        for j, a in enumerate(out_extra):
+            a[i] = moved[..., 3 + j]
+    return {**batch, "image": out_images, **dict(zip(columns, out_extra))}
+
+
+class PairAugment:
+    """Ray Data ``map_batches`` function: :func:`augment_pairs` with per-row, per-epoch generators seeded as
+    :class:`RandomAugment` seeds them (``seed``, execution index, row ``key``).
+    The ``key`` column is consumed when ``drop_key`` is set."""
+
+    def __init__(self, cfg: AugmentConfig | Mapping[str, Any] | None, seed: int | None,
+                 pixel_columns: Sequence[str] = ("mask",), drop_key: bool = True):
+        self.cfg = _as_cfg(cfg).model_dump()
+        self.seed = seed
+        self.pixel_columns = tuple(pixel_columns)
+        self.drop_key = drop_key
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cfg = AugmentConfig.model_validate(self.cfg)
+        n = len(batch["image"])
+        if self.seed is None:
+            rngs = list(np.random.default_rng().spawn(n))
+        else:
+            if "key" not in batch:
+                raise DataError("seeded augmentation needs a 'key' column (stable per-row hash of 'path')")
+            rngs = sample_rngs(self.seed, execution_index(), batch["key"])
+        out = augment_pairs(batch, cfg, rngs, self.pixel_columns)
+        if self.drop_key:
+            out = {k: v for k, v in out.items() if k != "key"}
+        return out

@@ -25,7 +25,8 @@ import pandas as pd
 
 from breakhis_ray.config import EnhanceConfig
 from breakhis_ray.data.augment import hed_jitter, path_keys
-from breakhis_ray.data.manifest import LABEL_IDS, LABELS, class_magnification_table
+from breakhis_ray.data.manifest import class_magnification_table
+from breakhis_ray.domain import LABEL_IDS, LABELS
 from breakhis_ray.errors import DataError
 
 GEOMETRIC = ("hflip", "vflip", "rot90", "rot180", "rot270")

@@ -8,16 +8,15 @@ anywhere under the root, e.g. ``BreaKHis_v1/BreaKHis_v1/``) the layout is
 ``{benign,malignant}/SOB/{subtype}/{patient folder}/{40,100,200,400}X/{file}``.
 
 Policy: a file whose name cannot be parsed, whose folders disagree with its name, or whose name repeats one
-already seen is *excluded* from the manifest and returned as a :class:`Problem` (``run_manifest`` prints each
+already seen is *excluded* from the manifest and returned as a :class:`Problem` (``run_manifest`` logs each
 one and a count): nothing is dropped silently. Image sizes come from the file header only; an unreadable header
 leaves ``width``/``height`` null and the row stays, so a later stage records it as a reject.
 """
 
 from __future__ import annotations
 
-import io
+import logging
 import re
-import struct
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,29 +24,18 @@ from dataclasses import dataclass
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
-from pydantic import BaseModel
 
 from breakhis_ray import storage
-from breakhis_ray.config import MAGNIFICATIONS, ManifestConfig, config_yaml
+from breakhis_ray.artifacts import write_parquet, write_provenance_beside
+from breakhis_ray.config import ManifestConfig
+from breakhis_ray.data.decode import ImageRejected, image_size
+from breakhis_ray.domain import BENIGN, LABEL_IDS, LABELS, MAGNIFICATIONS, MALIGNANT, SUBTYPE_LABELS, SUBTYPES
 from breakhis_ray.errors import DataError
 
+log = logging.getLogger(__name__)
+
 PROCEDURE = "SOB"
-LABELS = ("benign", "malignant")
-LABEL_IDS = {"benign": 0, "malignant": 1}
-CLASS_LETTERS = {"B": "benign", "M": "malignant"}
-SUBTYPES = {  # code -> folder name, benign first
-    "A": "adenosis",
-    "F": "fibroadenoma",
-    "PT": "phyllodes_tumor",
-    "TA": "tubular_adenoma",
-    "DC": "ductal_carcinoma",
-    "LC": "lobular_carcinoma",
-    "MC": "mucinous_carcinoma",
-    "PC": "papillary_carcinoma",
-}
-SUBTYPE_CODES = {folder: code for code, folder in SUBTYPES.items()}
-SUBTYPE_LABELS = {code: ("benign" if i < 4 else "malignant") for i, code in enumerate(SUBTYPES)}
+CLASS_LETTERS = {"B": BENIGN, "M": MALIGNANT}
 YEARS = (14, 15)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "tif")  # case-sensitive, as in the dataset
 BREAST_ROOT = ("histology_slides", "breast")
@@ -93,7 +81,7 @@ class ParsedName:
 
     @property
     def class_letter(self) -> str:
-        return "B" if self.label == "benign" else "M"
+        return "B" if self.label == BENIGN else "M"
 
     @property
     def patient_folder(self) -> str:
@@ -286,24 +274,20 @@ def find_breast_roots(uri: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ image sizes
-_HEADER_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
-
-
 def _header_size(fs, path: str) -> tuple[int, int] | None:
-    """(width, height) from the image header: the first ``HEADER_BYTES``, the whole file only if needed."""
+    """(width, height) from the image header (:func:`~breakhis_ray.data.decode.image_size`): the first
+    ``HEADER_BYTES``, the whole file only if needed; ``None`` when unreadable."""
     try:
         with fs.open_input_file(path) as f:
             head = f.read_at(HEADER_BYTES, 0)
             try:
-                with Image.open(io.BytesIO(head)) as im:
-                    return im.size
-            except _HEADER_ERRORS:
+                return image_size(head)
+            except ImageRejected:
                 if f.size() <= len(head):
                     return None
             f.seek(0)
-            with Image.open(f) as im:  # header lies further in (e.g. a large EXIF block)
-                return im.size
-    except _HEADER_ERRORS:
+            return image_size(f)  # the header lies further in (e.g. a large EXIF block)
+    except (ImageRejected, OSError):
         return None
 
 
@@ -361,18 +345,6 @@ def patient_summary(df: pd.DataFrame) -> str:
 
 
 # ------------------------------------------------------------------------------------------ Parquet I/O
-def write_parquet(df: pd.DataFrame, uri: str, metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``df`` as one Parquet file (local or s3://), adding ``metadata`` to the schema."""
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    if metadata:
-        merged = dict(table.schema.metadata or {})
-        merged.update({k.encode(): str(v).encode() for k, v in metadata.items()})
-        table = table.replace_schema_metadata(merged)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes(uri, buf.getvalue())
-
-
 def read_parquet(uri: str) -> tuple[pd.DataFrame, dict[str, str]]:
     """Read one Parquet file; return the frame and its non-pandas schema metadata."""
     data = storage.read_bytes(uri)
@@ -393,34 +365,28 @@ def read_manifest(uri: str) -> pd.DataFrame:
     return df
 
 
-def write_config_beside(out: str, cfg: BaseModel) -> str:
-    """Write the resolved config as ``<out>.config.yaml``; return its URI."""
-    uri = f"{out}.config.yaml"
-    storage.write_text(uri, config_yaml(cfg))
-    return uri
-
-
 def run_manifest(cfg: ManifestConfig) -> pd.DataFrame:
-    """CLI stage: build the manifest, write it (+ resolved config), print Table 1 and every problem."""
+    """CLI stage: build the manifest, write it with ``<out>.config.yaml`` and ``<out>.versions.json`` beside it,
+    log Table 1 and every problem."""
     df, problems = build_manifest(cfg.root, read_sizes=cfg.read_sizes, threads=cfg.io_threads)
     for problem in problems:
-        print(f"problem: {problem}")
+        log.warning("problem: %s", problem)
     if problems:
-        print(f"{len(problems)} file(s) excluded from the manifest (listed above)")
+        log.warning("%d file(s) excluded from the manifest (listed above)", len(problems))
     if df.empty:
         raise DataError(f"no BreakHis image found under {cfg.root} (expected .../histology_slides/breast/"
                         f"{LAYOUT} with names like SOB_B_A-14-22549AB-40-001.png)")
     for root in df.attrs.get("roots", []):
-        print(f"images under {root}")
+        log.info("images under %s", root)
     if df.attrs.get("ignored"):
-        print(f"{df.attrs['ignored']} file(s) outside histology_slides/breast not considered")
+        log.info("%d file(s) outside histology_slides/breast not considered", df.attrs["ignored"])
     write_parquet(df, cfg.out)
-    write_config_beside(cfg.out, cfg)
-    print(class_magnification_table(df).to_string())
-    print(patient_summary(df))
+    write_provenance_beside(cfg.out, cfg)
+    log.info("%s", class_magnification_table(df).to_string())
+    log.info("%s", patient_summary(df))
     if cfg.read_sizes:
         unreadable = int(df["width"].isna().sum())
         if unreadable:
-            print(f"{unreadable} image(s) with an unreadable header (null width/height; rejected later)")
-    print(f"wrote {cfg.out}")
+            log.warning("%d image(s) with an unreadable header (null width/height; rejected later)", unreadable)
+    log.info("wrote %s", cfg.out)
     return df

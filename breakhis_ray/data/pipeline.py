@@ -31,7 +31,8 @@ import numpy as np
 from breakhis_ray import storage
 from breakhis_ray.config import DataConfig
 from breakhis_ray.data.augment import RandomAugment, path_keys
-from breakhis_ray.data.transforms import PreprocessSpec, decode_image, normalize, prepare_uint8
+from breakhis_ray.data.decode import DEFAULT_MAX_PIXELS, ImageRejected, decode_rgb
+from breakhis_ray.data.transforms import PreprocessSpec, normalize, prepare_uint8
 from breakhis_ray.errors import DataError
 
 if TYPE_CHECKING:
@@ -63,13 +64,26 @@ def preprocess_spec(cfg: DataConfig, mean=None, std=None) -> PreprocessSpec:
 
 
 # ------------------------------------------------------------------------------------------- decode stage
-class DecodeBatch:
-    """``map_batches`` function: encoded ``image`` bytes -> uint8 ``image`` of ``spec.size`` (+ label etc.)."""
+def _max_pixels(cfg: DataConfig) -> int:
+    """The decompression-bomb guard for training decode: ``cfg.decode.max_pixels``, else the one default."""
+    decode = getattr(cfg, "decode", None)  # TODO: read cfg.decode directly once DataConfig has a DecodeSection
+    return int(decode.max_pixels) if decode is not None else DEFAULT_MAX_PIXELS
 
-    def __init__(self, spec: dict[str, Any], keep: Sequence[str] = (), with_key: bool = False):
+
+class DecodeBatch:
+    """``map_batches`` function: encoded ``image`` bytes -> uint8 ``image`` of ``spec.size`` (+ label etc.).
+
+    Decodes with :func:`breakhis_ray.data.decode.decode_rgb` (the same decisions and conversions as
+    ``prepare`` and ``infer``); a row that cannot be decoded stops the run with
+    :class:`~breakhis_ray.data.decode.ImageRejected` naming the row, since training has no reject table.
+    """
+
+    def __init__(self, spec: dict[str, Any], keep: Sequence[str] = (), with_key: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.spec = dict(spec)
         self.keep = tuple(keep)
         self.with_key = with_key
+        self.max_pixels = int(max_pixels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = PreprocessSpec.from_dict(self.spec)
@@ -78,9 +92,10 @@ class DecodeBatch:
         images = np.empty((len(encoded), height, width, 3), dtype=np.uint8)
         for i, data in enumerate(encoded):
             try:
-                images[i] = prepare_uint8(decode_image(data), spec)
-            except DataError as exc:
-                raise DataError(f"shard row {paths[i]}: {exc}") from None
+                pixels = decode_rgb(data, max_pixels=self.max_pixels)
+            except ImageRejected as rej:
+                raise ImageRejected(rej.reason, f"shard row {paths[i]}: {rej.detail}") from None
+            images[i] = prepare_uint8(pixels, spec)
         out = {
             "image": images,
             "label": np.asarray(batch["label_id"]).astype(np.int64),
@@ -154,7 +169,7 @@ def decode_stage(cfg: DataConfig, ds, spec: PreprocessSpec, keep: Sequence[str] 
     """
     ds = ds.repartition(target_num_rows_per_block=cfg.decode_batch_size)
     return ds.map_batches(
-        DecodeBatch(spec.to_dict(), keep=keep, with_key=with_key),
+        DecodeBatch(spec.to_dict(), keep=keep, with_key=with_key, max_pixels=_max_pixels(cfg)),
         batch_size=cfg.decode_batch_size,
         batch_format="numpy",
         num_cpus=cfg.decode_num_cpus,

@@ -34,8 +34,9 @@ from scipy import ndimage
 from scipy.special import ndtri
 
 from breakhis_ray.data import stain
+from breakhis_ray.data.cohort import load_patients, pixel_source
+from breakhis_ray.domain import MAGNIFICATIONS
 
-MAGNIFICATIONS = (40, 100, 200, 400)
 REFERENCE_WIDTH = 700
 UM_PER_PX_400X = 0.25
 MAX_NUCLEI = 65535  # instance ids are stored as uint16
@@ -150,6 +151,16 @@ def patient_params(seed: int, key: str, subtype: str, difficulty: float = 0.5) -
         stroma_e=float(rng.uniform(0.42, 0.68)),
         holes=float(rng.uniform(1.3, 2.6)),
     )
+
+
+def patient_params_for_index(seed: int, index: int, difficulty: float = 0.5) -> PatientParams:
+    """Rendering parameters of patient ``index`` of :func:`~breakhis_ray.data.cohort.load_patients` (DC and LC
+    13412 share the ductal folder's parameters, so they render the same pixels)."""
+    rows = load_patients()
+    if not 0 <= index < len(rows):
+        raise IndexError(f"patient index must be in 0..{len(rows) - 1}, got {index}")
+    source = pixel_source(rows[index])
+    return patient_params(seed, source.slide, source.code, difficulty)
 
 
 def tile_rng(seed: int, key: str, magnification: int, seq: int) -> np.random.Generator:
@@ -480,14 +491,12 @@ def render_tile(
     """Render one tile.
 
     ``patient`` is a :class:`PatientParams` (see :func:`patient_params`) or an index into the BreakHis
-    patient table (``breakhis_ray.data.synthetic.load_patients``). ``size`` is ``(width, height)``.
+    patient table (:func:`breakhis_ray.data.cohort.load_patients`). ``size`` is ``(width, height)``.
 
     Returns ``(rgb uint8 HxWx3, nuclei uint16 HxW instance ids 1..N (0 none), tissue uint8 HxW``
     with 0 background/lumen/mucin, 1 stroma, 2 epithelium).
     """
     if not isinstance(patient, PatientParams):
-        from breakhis_ray.data.synthetic import patient_params_for_index
-
         patient = patient_params_for_index(seed, int(patient), difficulty)
     if magnification not in MAGNIFICATIONS:
         raise ValueError(f"magnification must be one of {MAGNIFICATIONS}, got {magnification}")

@@ -22,18 +22,16 @@ Checks and their reject ``reason`` (``stage``):
 * ``bad_name`` / ``duplicate`` (manifest): a file under the tree that is not a well-placed BreakHis image name;
 * ``not_in_split`` (split): the splits leave the image out of this fold (``dc_lc_policy: drop``, official folds);
 * ``missing`` / ``zero_byte`` (read): the file vanished or is empty;
-* ``not_an_image`` / ``truncated`` / ``corrupt`` / ``too_large`` (decode): PIL cannot identify it, the data
-  ends early (``Image.open`` + ``load()`` with ``LOAD_TRUNCATED_IMAGES = False``), it is damaged, or it has more
-  than ``max_pixels`` pixels (decompression-bomb guard, checked from the header before decoding);
-* ``unsupported_mode`` / ``wrong_size`` (check): a pixel mode we do not convert (``1``, ``F``, ``CMYK``,
-  ``YCbCr``, ``LAB``, ``HSV``, 32-bit integers), or a decoded size that differs from the manifest's
-  header size or from ``expected_size``.
+* ``not_an_image`` / ``truncated`` / ``corrupt`` / ``too_large`` (decode): no known image format, the data
+  ends early, it is damaged, or it has more than ``max_pixels`` pixels (decompression-bomb guard, checked
+  from the header before decoding);
+* ``unsupported_mode`` / ``wrong_size`` (check): a pixel mode that cannot be converted to RGB, or a decoded
+  size that differs from the manifest's header size or from ``expected_size``.
 
-Converted instead of rejected (``converted_from`` records the original mode), exactly as
-:func:`breakhis_ray.data.transforms.decode_image` converts at inference time: greyscale ``L`` and palette
-``P`` -> RGB; ``RGBA``/``LA``/``PA``/transparent ``P`` composited onto white; 16-bit greyscale
-(``I;16``, ``I``) mapped ``0..65535`` -> ``0..255``; 16-bit-per-channel PNG (``RGB;16``) reduced to 8 bits.
-Unconverted 8-bit RGB PNGs are stored byte for byte when no resize is asked and the format is PNG.
+Decoding and conversions are :mod:`breakhis_ray.data.decode`'s, the same as in training and ``infer``;
+``converted_from`` records the original mode of converted pixels (``L``, ``P``, ``1``, ``CMYK``, ``YCbCr``,
+``RGBA``, ``LA``, ``I;16``, ``F``, ``RGB;16``, ...). Unconverted 8-bit RGB PNGs are stored byte for byte when
+no resize is asked and the format is PNG.
 """
 
 from __future__ import annotations
@@ -41,11 +39,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import posixpath
 import re
-import struct
-import warnings
-import zlib
 from collections import Counter
 from typing import Any, Iterable
 
@@ -61,20 +57,23 @@ from breakhis_ray.config import (
     SplitConfig,
     config_yaml,
     dump_config,
-    parse_size,
     validate_config,
+    wh_size,
 )
+from breakhis_ray.artifacts import write_parquet
 from breakhis_ray.data import enhance
-from breakhis_ray.data.manifest import COLUMNS, build_manifest, read_manifest, write_parquet
+from breakhis_ray.data.decode import ImageRejected, decode
+from breakhis_ray.data.manifest import COLUMNS, build_manifest, read_manifest
 from breakhis_ray.data.splits import SPLITS, load_splits, make_splits, write_splits
 from breakhis_ray.errors import BreakhisError, ConfigError, DataError, StorageError
 
+log = logging.getLogger(__name__)
+
 SHARDS_DIR = "shards"
 PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_IMAGE_MAGIC = (PNG_SIGNATURE, b"\xff\xd8\xff", b"RIFF", b"II*\x00", b"MM\x00*", b"GIF8", b"BM")
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 _MAX_LISTED_REJECTS = 20
+# reject reason -> the ``stage`` column (every other decoder reason is "decode")
+_STAGE_OF_REASON = {"missing": "read", "zero_byte": "read", "unsupported_mode": "check", "wrong_size": "check"}
 
 SHARD_SCHEMA = pa.schema([
     ("path", pa.string()),
@@ -104,90 +103,13 @@ REJECT_SCHEMA = pa.schema([("path", pa.string()), ("reason", pa.string()), ("sta
 
 
 # ---------------------------------------------------------------------------------------- decode/check
-class ImageRejected(Exception):
-    """An image that cannot be used: becomes a row of ``rejects.parquet``."""
-
-    def __init__(self, reason: str, stage: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.stage, self.detail = reason, stage, detail
-
-
 def _one_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def _png_bit_depth(data: bytes) -> int | None:
-    if data.startswith(PNG_SIGNATURE) and len(data) >= 25 and data[12:16] == b"IHDR":
-        return data[24]
-    return None
-
-
-def _composite_on_white(img) -> np.ndarray:
-    from PIL import Image
-
-    rgba = img.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
-
-
-def _to_rgb(img, data: bytes) -> tuple[np.ndarray, str | None]:
-    """8-bit RGB pixels of a loaded PIL image and the mode they were converted from (``None``: unchanged)."""
-    mode = img.mode
-    deep = _png_bit_depth(data) == 16
-    if mode == "RGB":
-        return np.asarray(img), ("RGB;16" if deep else None)
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-        return _composite_on_white(img), mode + (";16" if deep and mode in ("RGBA", "LA") else "")
-    if mode in ("L", "P"):
-        return np.asarray(img.convert("RGB")), mode
-    if mode.startswith("I;16") or mode == "I":
-        wide = np.asarray(img).astype(np.int64)
-        if mode == "I" and wide.size and (wide.min() < 0 or wide.max() > 65535):
-            raise ImageRejected("unsupported_mode", "check", "32-bit integer pixels outside 0..65535")
-        gray = ((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=-1), ("I;16" if mode == "I" else mode)
-    raise ImageRejected("unsupported_mode", "check", f"pixel mode {mode!r} is not supported "
-                        "(RGB is kept; L, LA, P, PA, RGBA and 16-bit are converted)")
-
-
-def decode_checked(data: bytes, max_pixels: int = 40_000_000) -> tuple[np.ndarray, str | None, str | None]:
-    """Decode and check one encoded image strictly.
-
-    Returns ``(uint8 (H, W, 3) RGB, converted_from, source format)``; raises :class:`ImageRejected`.
-    """
-    from PIL import Image, ImageFile, UnidentifiedImageError
-
-    if not data:
-        raise ImageRejected("zero_byte", "read", "file is empty")
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as exc:
-            raise ImageRejected("too_large", "decode", _one_line(exc)) from None
-        except UnidentifiedImageError:
-            if data.startswith(_IMAGE_MAGIC):
-                raise ImageRejected("corrupt", "decode", f"image header unreadable ({len(data)} bytes)") from None
-            raise ImageRejected("not_an_image", "decode",
-                                f"not an image file ({len(data)} bytes, starts {data[:8]!r})") from None
-        except _DECODE_ERRORS as exc:
-            reason = "truncated" if "truncat" in str(exc).lower() else "corrupt"
-            raise ImageRejected(reason, "decode", _one_line(exc)) from None
-        with img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageRejected("too_large", "decode",
-                                    f"{width}x{height} exceeds max_pixels={max_pixels} (decompression-bomb guard)")
-            try:
-                img.load()
-            except _DECODE_ERRORS as exc:
-                text = _one_line(exc)
-                reason = "truncated" if "truncat" in text.lower() or isinstance(exc, EOFError) else "corrupt"
-                raise ImageRejected(reason, "decode", text) from None
-            pixels, converted = _to_rgb(img, data)
-            fmt = img.format
-    return np.ascontiguousarray(pixels, dtype=np.uint8), converted, fmt
+def _stage(reason: str) -> str:
+    """The ``stage`` column of a reject: where in prepare the reason is found."""
+    return _STAGE_OF_REASON.get(reason, "decode")
 
 
 def encode_image(pixels: np.ndarray, image_format: str, quality: int = 95) -> bytes:
@@ -215,10 +137,10 @@ def _read(fs: pafs.FileSystem, uri: str) -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
     except FileNotFoundError:
-        raise ImageRejected("missing", "read", "file not found") from None
+        raise ImageRejected("missing", "file not found") from None
     except OSError as exc:
         if "not found" in str(exc).lower() or "no such file" in str(exc).lower():
-            raise ImageRejected("missing", "read", "file not found") from None
+            raise ImageRejected("missing", "file not found") from None
         raise StorageError(f"cannot read {uri}: {_one_line(exc)}") from None
 
 
@@ -228,14 +150,15 @@ def _process_row(fs, row: dict, ctx: dict) -> dict:
 
     source = row["source_path"]
     data = _read(fs, source)
-    pixels, converted, fmt = decode_checked(data, ctx["max_pixels"])
+    decoded = decode(data, max_pixels=ctx["max_pixels"])
+    pixels, converted = decoded.pixels, decoded.converted_from
     height, width = pixels.shape[:2]
     if row.get("width") is not None and (row["width"], row["height"]) != (width, height):
-        raise ImageRejected("wrong_size", "check",
+        raise ImageRejected("wrong_size",
                             f"decoded {width}x{height}, manifest says {row['width']}x{row['height']}")
     expected = ctx["expected_size"]
     if expected is not None and (width, height) != tuple(expected):
-        raise ImageRejected("wrong_size", "check", f"{width}x{height}, expected {expected[0]}x{expected[1]}")
+        raise ImageRejected("wrong_size", f"{width}x{height}, expected {expected[0]}x{expected[1]}")
     resize = ctx["resize"]
     if resize is not None:
         pixels = resize_uint8(pixels, (resize[1], resize[0]))
@@ -243,7 +166,7 @@ def _process_row(fs, row: dict, ctx: dict) -> dict:
     if recipe is not None:
         pixels = enhance.apply_recipe(pixels, enhance.Recipe(**recipe), ctx["enhance_seed"], source)
     unchanged = recipe is None and converted is None and (resize is None or tuple(resize) == (width, height))
-    if unchanged and ctx["image_format"] == "png" and fmt == "PNG":
+    if unchanged and ctx["image_format"] == "png" and decoded.format == "PNG":
         encoded = data  # lossless PNG of 8-bit RGB: keep the original bytes
     else:
         encoded = encode_image(pixels, ctx["image_format"], ctx["quality"])
@@ -287,7 +210,7 @@ def process_chunk(index: int, rows: list[dict], ctx: dict) -> dict:
             try:
                 out = _process_row(in_fs, row, ctx)
             except ImageRejected as rej:
-                rejects.append({"path": row["path"], "reason": rej.reason, "stage": rej.stage,
+                rejects.append({"path": row["path"], "reason": rej.reason, "stage": _stage(rej.reason),
                                 "detail": rej.detail})
                 continue
             pending.append(out)
@@ -336,7 +259,7 @@ def _source_sizes(uris: list[str]) -> dict[str, int]:
 
 
 def _estimated_bytes(rows: list[dict], cfg: PrepareConfig, sizes: dict[str, int]) -> list[int]:
-    resize = parse_size(cfg.resize) if cfg.resize else None
+    resize = wh_size(cfg.resize) if cfg.resize else None
     out = []
     for row in rows:
         size = sizes.get(row["source_path"], 0)
@@ -424,19 +347,19 @@ def _load_splits(cfg: PrepareConfig, manifest: pd.DataFrame) -> pd.DataFrame:
     return make_splits(manifest, split_cfg)
 
 
-def _print_rejects(rejects: list[dict]) -> None:
+def _log_rejects(rejects: list[dict]) -> None:
     for rej in rejects[:_MAX_LISTED_REJECTS]:
-        print(f"reject: {rej['path']}: {rej['reason']} ({rej['detail']})")
+        log.info("reject: %s: %s (%s)", rej["path"], rej["reason"], rej["detail"])
     if len(rejects) > _MAX_LISTED_REJECTS:
-        print(f"... and {len(rejects) - _MAX_LISTED_REJECTS} more (see rejects.parquet)")
+        log.info("... and %d more (see rejects.parquet)", len(rejects) - _MAX_LISTED_REJECTS)
 
 
-def _print_counts(summary: dict, shards_uri: str) -> None:
+def _log_counts(summary: dict, shards_uri: str) -> None:
     reasons = ", ".join(f"{k} {v}" for k, v in summary["rejects_by_reason"].items()) or "none"
     converted = ", ".join(f"{k} {v}" for k, v in summary["converted"].items()) or "none"
-    print(f"input {summary['input']}, written {summary['written']}, rejected {summary['rejected']} ({reasons}), "
-          f"augmented {summary['augmented']}; converted: {converted}")
-    print(f"wrote {len(summary['shards'])} shard(s), {summary['rows']} rows, to {shards_uri}")
+    log.info("input %s, written %s, rejected %s (%s), augmented %s; converted: %s", summary["input"],
+             summary["written"], summary["rejected"], reasons, summary["augmented"], converted)
+    log.info("wrote %d shard(s), %s rows, to %s", len(summary["shards"]), summary["rows"], shards_uri)
 
 
 def _copy_rows(plan: pd.DataFrame, rows: list[dict], valid: pd.DataFrame, transforms: list[str]) -> list[dict]:
@@ -499,12 +422,12 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     rows = _records(rows_df[[*COLUMNS, "fold", "split", "source_path", "augmentation"]])
 
     expected = _auto_size(manifest) if cfg.expected_size == "auto" else (
-        parse_size(cfg.expected_size) if cfg.expected_size else None)
+        wh_size(cfg.expected_size) if cfg.expected_size else None)
     ctx = {
         "out": cfg.out,
         "image_format": cfg.image_format,
         "quality": cfg.quality,
-        "resize": parse_size(cfg.resize) if cfg.resize else None,
+        "resize": wh_size(cfg.resize) if cfg.resize else None,
         "expected_size": expected,
         "max_pixels": cfg.max_pixels,
         "row_group_size": cfg.row_group_size,
@@ -579,12 +502,13 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     storage.write_text(storage.join(cfg.out, "prepare.json"), json.dumps(summary, indent=2) + "\n")
     storage.write_text(storage.join(cfg.out, "config.yaml"), config_yaml(cfg))
 
-    _print_rejects(rejects_df.to_dict("records"))
-    print(enhance.format_distribution(valid, f"Tab. 1  images before enhancement (fold {cfg.fold}, all splits)"))
+    _log_rejects(rejects_df.to_dict("records"))
+    log.info("%s", enhance.format_distribution(valid, f"Tab. 1  images before enhancement (fold {cfg.fold}, "
+                                                      "all splits)"))
     if cfg.enhance.enabled:
-        print(enhance.format_distribution(train_before, "Tab. 1  train split before enhancement"))
-        print(enhance.format_distribution(train_after, "Tab. 2  train split after enhancement"))
+        log.info("%s", enhance.format_distribution(train_before, "Tab. 1  train split before enhancement"))
+        log.info("%s", enhance.format_distribution(train_after, "Tab. 2  train split after enhancement"))
         for note in notes:
-            print(f"enhance: {note}")
-    _print_counts(summary, storage.join(cfg.out, SHARDS_DIR))
+            log.info("enhance: %s", note)
+    _log_counts(summary, storage.join(cfg.out, SHARDS_DIR))
     return summary

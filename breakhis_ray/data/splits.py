@@ -20,6 +20,7 @@ number, e.g. 22549AB/CD/G). Folders that are copies of one slide under two label
 from __future__ import annotations
 
 import io
+import logging
 import re
 from collections.abc import Mapping
 
@@ -27,16 +28,13 @@ import numpy as np
 import pandas as pd
 
 from breakhis_ray import storage
+from breakhis_ray.artifacts import write_parquet, write_provenance_beside
 from breakhis_ray.config import SplitConfig
-from breakhis_ray.data.manifest import (
-    LABELS,
-    read_manifest,
-    read_parquet,
-    same_slide_folders,
-    write_config_beside,
-    write_parquet,
-)
+from breakhis_ray.data.manifest import read_manifest, read_parquet, same_slide_folders
+from breakhis_ray.domain import LABELS
 from breakhis_ray.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 PROTOCOLS = ("patient", "official", "image")
@@ -69,19 +67,19 @@ def _copies_to_drop(manifest: pd.DataFrame) -> list[str]:
 
 
 def apply_dc_lc_policy(manifest: pd.DataFrame, key: str, policy: str, *, warn: bool = True) -> pd.DataFrame:
-    """Rows that take part in the splits under ``policy``; prints what the policy does (nothing is silent)."""
+    """Rows that take part in the splits under ``policy``; logs what the policy does (nothing is silent)."""
     copies = same_slide_folders(manifest)
     if policy == "drop" and copies:
         dropped = _copies_to_drop(manifest)
         mask = manifest["patient_id"].isin(dropped)
-        print(f"dc_lc_policy=drop: excluded {int(mask.sum())} image(s) of {', '.join(dropped)} from every fold "
-              f"(the same slide as {', '.join(f for c in copies for f in c if f not in dropped)} "
-              "under another label)")
+        log.info("dc_lc_policy=drop: excluded %d image(s) of %s from every fold (the same slide as %s under "
+                 "another label)", int(mask.sum()), ", ".join(dropped),
+                 ", ".join(f for c in copies for f in c if f not in dropped))
         return manifest[~mask]
     if policy == "keep" and key == "folder" and copies and warn:
         for group in copies:
-            print(f"warning: dc_lc_policy=keep treats {' and '.join(group)} (the same images under different "
-                  "labels) as separate patients; they may leak across train/val/test")
+            log.warning("dc_lc_policy=keep treats %s (the same images under different labels) as separate "
+                        "patients; they may leak across train/val/test", " and ".join(group))
     return manifest
 
 
@@ -162,8 +160,8 @@ def _patient_splits(manifest: pd.DataFrame, groups: pd.Series, cfg: SplitConfig)
                         "folds: lower --folds")
     for label, n in table["label"].value_counts().sort_index().items():
         if n < cfg.folds:
-            print(f"warning: only {n} {label} patient group(s) for {cfg.folds} folds: some test folds have no "
-                  f"{label} patient")
+            log.warning("only %d %s patient group(s) for %d folds: some test folds have no %s patient",
+                        n, label, cfg.folds, label)
     fold_of_group = _assign_folds(table, cfg.folds, np.random.default_rng(cfg.seed))
     row_fold = groups.map(fold_of_group)
     return _grouped_splits(manifest, groups, {k: row_fold == k for k in range(1, cfg.folds + 1)},
@@ -172,8 +170,8 @@ def _patient_splits(manifest: pd.DataFrame, groups: pd.Series, cfg: SplitConfig)
 
 def _image_splits(manifest: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
     """Random K-fold by image, stratified by (label, subtype, magnification). Leaks patients."""
-    print("warning: mode=image splits images at random, so the same patient appears in train and test; "
-          "scores are optimistic and only comparable to image-level papers")
+    log.warning("mode=image splits images at random, so the same patient appears in train and test; "
+                "scores are optimistic and only comparable to image-level papers")
     rng = np.random.default_rng(cfg.seed)
     n = len(manifest)
     row_fold = np.zeros(n, dtype=int)
@@ -243,7 +241,7 @@ def _folds_sources(uri: str) -> list[str]:
 def read_official_folds(uri: str) -> pd.DataFrame:
     """Rows ``filename, magnification, fold, split`` (train|test) from dsfold*.txt files or a Folds.csv.
 
-    Malformed rows are printed one per line with a count; none valid at all raises :class:`DataError`.
+    Malformed rows are logged one per line with a count; none valid at all raises :class:`DataError`.
     """
     rows, bad = [], []
     sources = _folds_sources(uri)
@@ -256,16 +254,16 @@ def read_official_folds(uri: str) -> pd.DataFrame:
         rows += got
         bad += wrong
     for line in bad:
-        print(f"problem: {line}")
+        log.warning("problem: %s", line)
     if bad:
-        print(f"{len(bad)} malformed folds row(s) ignored (listed above)")
+        log.warning("%d malformed folds row(s) ignored (listed above)", len(bad))
     if not rows:
         raise DataError(f"no valid folds row in {', '.join(sources)}")
-    print(f"official folds from {', '.join(sources)}")
+    log.info("official folds from %s", ", ".join(sources))
     frame = pd.DataFrame(rows, columns=["filename", "magnification", "fold", "split"])
     duplicated = frame.duplicated(["filename", "fold"])
     if duplicated.any():
-        print(f"{int(duplicated.sum())} repeated (file name, fold) row(s) ignored; the first one is used")
+        log.warning("%d repeated (file name, fold) row(s) ignored; the first one is used", int(duplicated.sum()))
     return frame[~duplicated].reset_index(drop=True)
 
 
@@ -274,15 +272,16 @@ def _official_assignment(manifest: pd.DataFrame, kept: pd.DataFrame, uri: str) -
     folds = read_official_folds(uri)
     unknown = sorted(set(folds["filename"]) - set(manifest["filename"]))
     for name in unknown:
-        print(f"unmatched: {name} (in the folds file, not in the manifest)")
+        log.warning("unmatched: %s (in the folds file, not in the manifest)", name)
     if unknown:
-        print(f"{len(unknown)} folds-file name(s) not in the manifest (listed above)")
+        log.warning("%d folds-file name(s) not in the manifest (listed above)", len(unknown))
     matched = folds.merge(kept[["filename", "path"]], on="filename", how="inner")
     fold_ids = sorted(folds["fold"].unique())
     for fold in fold_ids:
         missing = len(kept) - int((matched["fold"] == fold).sum())
         if missing:
-            print(f"fold {fold}: {missing} manifest image(s) not listed in the folds file, left out of this fold")
+            log.warning("fold %s: %d manifest image(s) not listed in the folds file, left out of this fold",
+                        fold, missing)
     if matched.empty:
         raise DataError(f"no image of the manifest is named in {uri}")
     return matched[["path", "fold", "split"]], fold_ids
@@ -297,8 +296,9 @@ def _official_splits(manifest: pd.DataFrame, kept: pd.DataFrame, cfg: SplitConfi
     leak = _find_leak(official, _group_lookup(kept, cfg.patient_key, policy))
     if leak and cfg.patient_key == "folder" and policy == "merge":
         if _find_leak(official, _group_lookup(kept, "folder", "keep")) is None:
-            print(f"warning: the official folds split copies of one slide ({leak}); dc_lc_policy=merge cannot hold "
-                  "for given folds, so they count as separate patients (use dc_lc_policy=drop to exclude a copy)")
+            log.warning("the official folds split copies of one slide (%s); dc_lc_policy=merge cannot hold for "
+                        "given folds, so they count as separate patients (use dc_lc_policy=drop to exclude a copy)",
+                        leak)
             policy, leak = "keep", None
     if leak:
         raise DataError(f"the official folds are not patient-disjoint under patient_key={cfg.patient_key}: {leak}")
@@ -406,11 +406,13 @@ def split_summary(splits_df: pd.DataFrame, manifest_df: pd.DataFrame, key: str =
 
 
 def run_split(cfg: SplitConfig) -> pd.DataFrame:
-    """CLI stage: read the manifest, make and write the splits (+ resolved config), print per-fold counts."""
+    """CLI stage: read the manifest, make and write the splits with ``<out>.config.yaml`` and
+    ``<out>.versions.json`` beside them, log per-fold counts."""
     manifest = read_manifest(cfg.manifest)
     splits = make_splits(manifest, cfg)
     write_splits(splits, cfg.out)
-    write_config_beside(cfg.out, cfg)
-    print(split_summary(splits, manifest, cfg.patient_key, splits.attrs["dc_lc_policy"]).to_string(index=False))
-    print(f"wrote {cfg.out} (protocol={cfg.mode}, patient_key={cfg.patient_key})")
+    write_provenance_beside(cfg.out, cfg)
+    summary = split_summary(splits, manifest, cfg.patient_key, splits.attrs["dc_lc_policy"])
+    log.info("%s", summary.to_string(index=False))
+    log.info("wrote %s (protocol=%s, patient_key=%s)", cfg.out, cfg.mode, cfg.patient_key)
     return splits

@@ -8,9 +8,9 @@ Layout written under ``cfg.out`` (a local path or ``s3://`` prefix)::
     masks/<same relative path>_tissue.png                  8-bit: 0 background/lumen/mucin, 1 stroma, 2 epithelium
     dsfold1.txt .. dsfold5.txt                             ``filename|mag|fold|train|test`` rows
     samples_grid.png                                       8 subtypes x 4 magnifications
-    synth.json, config.yaml                                summary and resolved config
+    synth.json, config.yaml, versions.json                 summary, resolved config, library versions
 
-Per-patient image counts are BreakHis's own (``resources/patients.tsv``, 82 folders, 7,909 images),
+Per-patient image counts are BreakHis's own (:mod:`.cohort`: 82 folders, 7,909 images),
 scaled by ``fraction`` (at least one image per patient and magnification) and optionally restricted to
 ``patients`` folders that still cover every subtype and both classes. Sequence numbers run 1..n per
 patient and magnification, so a smaller ``fraction`` gives a subset of the full tree, pixel for pixel.
@@ -23,96 +23,30 @@ same task function in this process (for benchmarks and byte-for-byte comparisons
 
 from __future__ import annotations
 
-import csv
 import io
-import json
+import logging
 import math
 import time
 from dataclasses import dataclass
-from functools import lru_cache
-from importlib import resources
 
 import numpy as np
 from PIL import Image
 
 from breakhis_ray import storage
-from breakhis_ray.config import MAGNIFICATIONS, SynthConfig, config_yaml, dump_config, validate_config
-from breakhis_ray.data.render import PatientParams, patient_params, render_tile, um_per_px
+from breakhis_ray.artifacts import write_json, write_provenance
+from breakhis_ray.config import SynthConfig, dump_config, validate_config
+from breakhis_ray.data.cohort import SHARED_SLIDE, TREE_ROOT, PatientRow, load_patients
+from breakhis_ray.data.render import patient_params_for_index, render_tile, um_per_px
+from breakhis_ray.domain import MAGNIFICATIONS, SUBTYPE_LABELS, SUBTYPES
 
-TREE_ROOT = "BreaKHis_v1/histology_slides/breast"
+log = logging.getLogger(__name__)
+
 MASK_ROOT = "masks"
-SUBTYPE_CODES = {
-    "adenosis": "A",
-    "fibroadenoma": "F",
-    "phyllodes_tumor": "PT",
-    "tubular_adenoma": "TA",
-    "ductal_carcinoma": "DC",
-    "lobular_carcinoma": "LC",
-    "mucinous_carcinoma": "MC",
-    "papillary_carcinoma": "PC",
-}
 #: Selection order when fewer patients than subtypes are asked for: alternate the classes.
 SUBTYPE_ORDER = ("A", "DC", "F", "LC", "PT", "MC", "TA", "PC")
 N_FOLDS = 5
 TEST_SHARE = 0.3
 THUMB_WIDTH = 175
-
-
-@dataclass(frozen=True)
-class PatientRow:
-    """One BreakHis patient folder and its image count per magnification."""
-
-    index: int
-    label: str  # benign | malignant
-    subtype: str  # folder name, e.g. adenosis
-    folder: str  # e.g. SOB_B_A_14-22549AB
-    counts: tuple[int, int, int, int]  # images at 40X, 100X, 200X, 400X
-
-    @property
-    def code(self) -> str:
-        return SUBTYPE_CODES[self.subtype]
-
-    @property
-    def slide(self) -> str:
-        """Year and slide with section letters, e.g. ``14-22549AB`` (equal for the DC/LC 13412 pair)."""
-        return self.folder.split("_", 3)[3]
-
-    def count(self, magnification: int) -> int:
-        return self.counts[MAGNIFICATIONS.index(magnification)]
-
-    def filename(self, magnification: int, seq: int) -> str:
-        return f"SOB_{self.label[0].upper()}_{self.code}-{self.slide}-{magnification}-{seq:03d}.png"
-
-    def relative_dir(self, magnification: int) -> str:
-        return f"{TREE_ROOT}/{self.label}/SOB/{self.subtype}/{self.folder}/{magnification}X"
-
-    def relative_path(self, magnification: int, seq: int) -> str:
-        return f"{self.relative_dir(magnification)}/{self.filename(magnification, seq)}"
-
-
-@lru_cache(maxsize=1)
-def load_patients() -> tuple[PatientRow, ...]:
-    """The 82 BreakHis patient folders with their per-magnification image counts, in table order."""
-    text = resources.files("breakhis_ray.data").joinpath("resources/patients.tsv").read_text("utf-8")
-    rows = []
-    for i, rec in enumerate(csv.DictReader(io.StringIO(text), delimiter="\t")):
-        counts = tuple(int(rec[f"{m}X"]) for m in MAGNIFICATIONS)
-        rows.append(PatientRow(i, rec["class"], rec["subtype"], rec["patient_folder"], counts))
-    return tuple(rows)
-
-
-def pixel_source(row: PatientRow) -> PatientRow:
-    """The first folder holding the same slide: its parameters render this folder's pixels."""
-    return next(r for r in load_patients() if r.slide == row.slide)
-
-
-def patient_params_for_index(seed: int, index: int, difficulty: float = 0.5) -> PatientParams:
-    """Rendering parameters of patient ``index`` (DC and LC 13412 share the ductal folder's parameters)."""
-    rows = load_patients()
-    if not 0 <= index < len(rows):
-        raise IndexError(f"patient index must be in 0..{len(rows) - 1}, got {index}")
-    source = pixel_source(rows[index])
-    return patient_params(seed, source.slide, source.code, difficulty)
 
 
 # ---------------------------------------------------------------------------------- selection
@@ -166,7 +100,7 @@ def official_folds(rows: list[PatientRow], seed: int, n_folds: int = N_FOLDS) ->
     always in train and the lobular copy in test (the same images on both sides: a known leak).
     """
     folds = []
-    pair = [r for r in rows if r.slide == "14-13412"]
+    pair = [r for r in rows if r.slide == SHARED_SLIDE]
     forced = {}
     if len(pair) == 2:
         forced = {r.folder: ("train" if r.code == "DC" else "test") for r in pair}
@@ -244,12 +178,10 @@ def samples_grid_png(thumbs: dict[tuple[str, int], np.ndarray]) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    codes = {v: k for k, v in SUBTYPE_CODES.items()}
-    order = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")
     fig = Figure(figsize=(4 * 2.1, 8 * 1.45), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(8, 4, squeeze=False)
-    for i, code in enumerate(order):
+    for i, code in enumerate(SUBTYPES):  # benign subtypes first, the BreakHis order
         for j, mag in enumerate(MAGNIFICATIONS):
             ax = axes[i][j]
             ax.set_xticks([])
@@ -262,8 +194,7 @@ def samples_grid_png(thumbs: dict[tuple[str, int], np.ndarray]) -> bytes:
             if i == 0:
                 ax.set_title(f"{mag}X", fontsize=10)
             if j == 0:
-                klass = "malignant" if code in ("DC", "LC", "MC", "PC") else "benign"
-                ax.set_ylabel(f"{codes[code].replace('_', ' ')}\n({klass})", fontsize=8)
+                ax.set_ylabel(f"{SUBTYPES[code].replace('_', ' ')}\n({SUBTYPE_LABELS[code]})", fontsize=8)
     fig.suptitle("Synthetic BreakHis: first image of the first patient per subtype", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     buf = io.BytesIO()
@@ -329,8 +260,8 @@ def run_synth(cfg: SynthConfig, use_ray: bool = True) -> dict:
     counts = summarize(jobs)
     total = counts["images"]
     mode = "ray" if use_ray else "single-process"
-    print(f"synth: {total} images of {counts['patients']} patients at {cfg.size[0]}x{cfg.size[1]} "
-          f"({len(jobs)} groups, {mode}) -> {cfg.out}", flush=True)
+    log.info("synth: %d images of %d patients at %dx%d (%d groups, %s) -> %s", total, counts["patients"],
+             cfg.size[0], cfg.size[1], len(jobs), mode, cfg.out)
     start = time.perf_counter()
     state = {"groups": 0, "images": 0, "next": 0.1}
 
@@ -339,8 +270,8 @@ def run_synth(cfg: SynthConfig, use_ray: bool = True) -> dict:
         state["images"] += len(result["files"])
         if state["groups"] / len(jobs) >= state["next"] or state["groups"] == len(jobs):
             rate = state["images"] / max(time.perf_counter() - start, 1e-9)
-            print(f"synth: {state['groups']}/{len(jobs)} groups, {state['images']}/{total} images, "
-                  f"{rate:.1f} img/s", flush=True)
+            log.info("synth: %d/%d groups, %d/%d images, %.1f img/s", state["groups"], len(jobs),
+                     state["images"], total, rate)
             state["next"] = math.floor(state["groups"] / len(jobs) * 10 + 1) / 10
 
     results = _run_ray(cfg, jobs, report) if use_ray else _run_local(cfg, jobs, report)
@@ -375,14 +306,14 @@ def run_synth(cfg: SynthConfig, use_ray: bool = True) -> dict:
         "seconds": round(seconds, 3),
         "images_per_second": round(total / max(seconds, 1e-9), 2),
     }
-    storage.write_text(storage.join(cfg.out, "synth.json"), json.dumps(summary, indent=2) + "\n")
-    storage.write_text(storage.join(cfg.out, "config.yaml"), config_yaml(cfg))
-    print(f"synth: wrote {total} images in {seconds:.1f} s ({summary['images_per_second']} img/s)", flush=True)
-    print(f"synth: tree {summary['tree']}", flush=True)
+    write_json(storage.join(cfg.out, "synth.json"), summary)
+    write_provenance(cfg.out, cfg)  # config.yaml + versions.json
+    log.info("synth: wrote %d images in %.1f s (%s img/s)", total, seconds, summary["images_per_second"])
+    log.info("synth: tree %s", summary["tree"])
     if cfg.masks:
-        print(f"synth: masks {summary['masks']}", flush=True)
+        log.info("synth: masks %s", summary["masks"])
     for uri in written:
-        print(f"synth: wrote {uri}", flush=True)
+        log.info("synth: wrote %s", uri)
     return summary
 
 

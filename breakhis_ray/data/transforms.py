@@ -2,9 +2,10 @@
 
 Two halves, split where Ray Data materializes:
 
-* ``bytes -> uint8 HWC`` (:func:`prepare_bytes`): decode (:func:`decode_image`), resize
-  (:func:`resize_uint8`), optional stain normalisation. Runs on CPU in a Ray Data stage *before*
-  ``materialize()``; its output is what the training set caches.
+* ``bytes -> uint8 HWC`` (:func:`prepare_bytes`): decode (:func:`breakhis_ray.data.decode.decode_rgb`, the
+  one decoder, with its decompression-bomb guard), resize (:func:`resize_uint8`), optional stain
+  normalisation. Runs on CPU in a Ray Data stage *before* ``materialize()``; its output is what the
+  training set caches.
 * ``uint8 NHWC -> float32 NCHW`` (:func:`normalize`): scale to ``[0, 1]`` and, for ``scale="imagenet"``,
   subtract ``mean`` and divide by ``std``. Works on numpy arrays and on torch tensors, so the train loop
   normalizes on its device after random augmentation (:mod:`breakhis_ray.data.augment`).
@@ -17,39 +18,15 @@ Nothing here is random.
 
 from __future__ import annotations
 
-import io
 from typing import Any, Literal, Sequence
 
 import numpy as np
 from pydantic import field_validator, model_validator
 
-from breakhis_ray.config import StrictModel
+from breakhis_ray.config.base import StrictModel, parse_hw
+from breakhis_ray.data.decode import DEFAULT_MAX_PIXELS, decode_rgb
+from breakhis_ray.domain import IMAGENET_MEAN, IMAGENET_STD, UNIT_MEAN, UNIT_STD
 from breakhis_ray.errors import DataError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-UNIT_MEAN = (0.0, 0.0, 0.0)
-UNIT_STD = (1.0, 1.0, 1.0)
-
-
-def parse_hw(value: Any) -> tuple[int, int]:
-    """``224`` -> ``(224, 224)``; ``[H, W]`` -> ``(H, W)``; the string ``"WxH"`` (project convention) -> ``(H, W)``."""
-    if isinstance(value, bool):
-        raise ValueError(f"image size must be an int, [H, W] or 'WxH', got {value!r}")
-    if isinstance(value, int):
-        value = (value, value)
-    elif isinstance(value, str):
-        parts = value.lower().split("x")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise ValueError(f"image size string must look like WxH (e.g. 224x224), got {value!r}")
-        value = (int(parts[1]), int(parts[0]))
-    try:
-        height, width = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"image size must be an int, [H, W] or 'WxH', got {value!r}") from None
-    if height < 8 or width < 8:
-        raise ValueError(f"image size must be at least 8x8, got H={height} W={width}")
-    return height, width
 
 
 class PreprocessSpec(StrictModel):
@@ -102,56 +79,6 @@ class PreprocessSpec(StrictModel):
         return cls.model_validate(data)
 
 
-# ------------------------------------------------------------------------------------------ decode
-def _composite_on_white(img):
-    from PIL import Image
-
-    rgba = img.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def _wide_gray_to_uint8(img) -> np.ndarray:
-    """16-bit / 32-bit integer or float greyscale -> uint8, mapping the full 16-bit range onto 0..255."""
-    arr = np.asarray(img)
-    if img.mode == "F":
-        arr8 = np.clip(np.rint(np.nan_to_num(arr, nan=0.0)), 0, 255).astype(np.uint8)
-    else:
-        wide = np.clip(arr.astype(np.int64), 0, 65535)
-        arr8 = ((wide * 255 + 32767) // 65535).astype(np.uint8)
-    return np.repeat(arr8[..., None], 3, axis=-1)
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded bytes (PNG, JPEG, WebP, TIFF, ...) -> ``uint8`` array ``(H, W, 3)`` RGB.
-
-    Modes are converted the same way everywhere: greyscale is replicated to three channels; transparency
-    (RGBA, LA, palette with transparency) is composited onto white (the slide background); 16-bit
-    greyscale (``I;16``/``I``) maps ``0..65535`` linearly onto ``0..255``; multi-frame files use frame 0.
-    Raises :class:`DataError` for bytes that are not a readable image.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise DataError(f"decode_image expects encoded image bytes, got {type(data).__name__}")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            mode = img.mode
-            if mode == "RGB":
-                out = np.asarray(img)
-            elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
-                out = np.asarray(_composite_on_white(img))
-            elif mode.startswith("I") or mode == "F":
-                out = _wide_gray_to_uint8(img)
-            else:  # L, 1, P, CMYK, YCbCr, LAB, HSV, ...
-                out = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"cannot decode image ({len(data)} bytes): {msg}") from None
-    return np.ascontiguousarray(out, dtype=np.uint8)
-
-
 def resize_uint8(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """Resize ``uint8 (H, W, C)`` to ``size = (H, W)`` with PIL's antialiased bilinear filter (deterministic).
 
@@ -185,12 +112,14 @@ def prepare_uint8(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return out
 
 
-def prepare_bytes(images: Sequence[bytes], spec: PreprocessSpec) -> np.ndarray:
-    """Encoded images -> ``uint8 (N, H, W, 3)`` (decode + :func:`prepare_uint8`)."""
+def prepare_bytes(images: Sequence[bytes], spec: PreprocessSpec, *,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded images -> ``uint8 (N, H, W, 3)`` (:func:`~breakhis_ray.data.decode.decode_rgb` +
+    :func:`prepare_uint8`); a bad image raises :class:`~breakhis_ray.data.decode.ImageRejected`."""
     height, width = spec.size
     out = np.empty((len(images), height, width, 3), dtype=np.uint8)
     for i, data in enumerate(images):
-        out[i] = prepare_uint8(decode_image(data), spec)
+        out[i] = prepare_uint8(decode_rgb(data, max_pixels=max_pixels), spec)
     return out
 
 
@@ -233,6 +162,7 @@ def normalize(batch, spec: PreprocessSpec | None = None):
     return np.ascontiguousarray(x * a.reshape(1, channels, 1, 1) + b.reshape(1, channels, 1, 1))
 
 
-def preprocess_bytes(images: Sequence[bytes], spec: PreprocessSpec) -> np.ndarray:
+def preprocess_bytes(images: Sequence[bytes], spec: PreprocessSpec, *,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """THE eval / inference transform: encoded images -> ``float32 (N, 3, H, W)``."""
-    return normalize(prepare_bytes(images, spec), spec)
+    return normalize(prepare_bytes(images, spec, max_pixels=max_pixels), spec)

@@ -19,8 +19,6 @@ from torch import nn
 from breakhis_ray.errors import ConfigError
 from breakhis_ray.models.classifiers import (
     CLASSIFIER_BUILDERS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     feature_parameters,
     head_parameters,
     preprocessing_for,
@@ -91,8 +89,6 @@ def create_model(
 
 __all__ = [
     "CLASSIFIER_NAMES",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "LoadReport",
     "MODEL_NAMES",
     "SEGMENTER_NAMES",

@@ -32,10 +32,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from breakhis_ray.domain import IMAGENET_MEAN, IMAGENET_STD, UNIT_MEAN, UNIT_STD
 from breakhis_ray.errors import ConfigError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # name -> (torchvision builder name, head prefix, first conv module path)
 _TORCHVISION = {
@@ -60,7 +58,7 @@ def preprocessing_for(name: str) -> dict:
     if base in _TORCHVISION:
         return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": "imagenet"}
     if base == "tiny_cnn":
-        return {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "scale": "unit"}
+        return {"mean": list(UNIT_MEAN), "std": list(UNIT_STD), "scale": "unit"}
     raise ConfigError(f"unknown model {name!r}: no preprocessing known")
 
 
@@ -173,25 +171,16 @@ def _build_vgg(name: str, num_classes: int, in_channels: int, dropout: float = 0
     return _finish(model, args, (head,), first)
 
 
-def _build_resnet(name: str, num_classes: int, in_channels: int, dropout: float = 0.0) -> nn.Module:
+def _build_torchvision(name: str, num_classes: int, in_channels: int, dropout: float = 0.0) -> nn.Module:
+    """ResNet / DenseNet: torchvision's structure, its last layer (``fc`` / ``classifier``) replaced by
+    ``Linear(features, num_classes)``, preceded by ``Dropout(dropout)`` when ``dropout > 0``."""
     import torchvision
 
     _check_common(num_classes, in_channels, dropout)
     model = getattr(torchvision.models, name)(weights=None)
-    model.fc = _linear_head(model.fc.in_features, num_classes, dropout)
     _, head, first = _TORCHVISION[name]
-    adapt_first_conv(model, first, in_channels)
-    args = {"name": name, "num_classes": num_classes, "in_channels": in_channels, "dropout": dropout}
-    return _finish(model, args, (head,), first)
-
-
-def _build_densenet(name: str, num_classes: int, in_channels: int, dropout: float = 0.0) -> nn.Module:
-    import torchvision
-
-    _check_common(num_classes, in_channels, dropout)
-    model = getattr(torchvision.models, name)(weights=None)
-    model.classifier = _linear_head(model.classifier.in_features, num_classes, dropout)
-    _, head, first = _TORCHVISION[name]
+    last = head.rstrip(".")
+    setattr(model, last, _linear_head(getattr(model, last).in_features, num_classes, dropout))
     adapt_first_conv(model, first, in_channels)
     args = {"name": name, "num_classes": num_classes, "in_channels": in_channels, "dropout": dropout}
     return _finish(model, args, (head,), first)
@@ -233,10 +222,10 @@ def _build_tiny(name: str, num_classes: int, in_channels: int, dropout: float = 
 CLASSIFIER_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "vgg16": _build_vgg,
     "vgg16_bn": _build_vgg,
-    "resnet18": _build_resnet,
-    "resnet34": _build_resnet,
-    "resnet50": _build_resnet,
-    "densenet121": _build_densenet,
+    "resnet18": _build_torchvision,
+    "resnet34": _build_torchvision,
+    "resnet50": _build_torchvision,
+    "densenet121": _build_torchvision,
     "tiny_cnn": _build_tiny,
 }
 

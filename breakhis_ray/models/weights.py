@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from breakhis_ray import storage
+from breakhis_ray.checkpoint import strip_wrapper_prefixes
 from breakhis_ray.errors import ConfigError, StorageError
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,6 @@ RANDOM_SPECS = ("", "none", "random", "scratch")
 _DENSENET_LEGACY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
 )
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 @dataclass
@@ -144,12 +144,7 @@ def normalise_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     """Strip ``module.``/``_orig_mod.`` prefixes and rename DenseNet legacy keys."""
     out = {}
     for key, value in sd.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
+        key = strip_wrapper_prefixes(key)
         match = _DENSENET_LEGACY.match(key)
         if match:
             key = match.group(1) + match.group(2)

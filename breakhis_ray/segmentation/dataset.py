@@ -19,22 +19,20 @@ Ray Data stages (:func:`build_seg_datasets`)::
       -> randomize_block_order -> map_batches(PairAugment)   train: new flips/turns every epoch
 
 Rows leaving the pipeline: ``image`` uint8 ``(H, W, 3)`` and ``mask`` uint8 ``(H, W)`` in {0, 1}.
-:class:`PairAugment` draws its randomness through :mod:`breakhis_ray.data.augment` (per-row, per-epoch
-generators), applying the same flips and quarter turns to every pixel column (``mask`` included) and the
-colour jitter to ``image`` only.
+:class:`breakhis_ray.data.augment.PairAugment` (per-row, per-epoch generators) applies the same flips and
+quarter turns to every pixel column (``mask`` included) and the colour jitter to ``image`` only.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
 from breakhis_ray import storage
-from breakhis_ray.config import AugmentConfig, SegDataConfig, SegSourceSection, SegSplitSection
+from breakhis_ray.config import SegDataConfig, SegSourceSection, SegSplitSection
 from breakhis_ray.errors import DataError
 
 if TYPE_CHECKING:
@@ -183,15 +181,14 @@ def read_split_paths(uri: str, subset: str = "val") -> list[str]:
 
 # ------------------------------------------------------------------------------------- decode stage
 def read_mask(data: bytes) -> np.ndarray:
-    """Encoded mask (8/16-bit grey, instance ids, RGB) -> bool ``(H, W)``: True where any channel is non-zero."""
-    from PIL import Image, UnidentifiedImageError
+    """Encoded mask (8/16-bit grey, instance ids, palette, RGB) -> bool ``(H, W)``: True where any stored value is
+    non-zero. Decoded by the one decoder (:func:`breakhis_ray.data.decode.decode_labels`): same guards."""
+    from breakhis_ray.data.decode import ImageRejected, decode_labels
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            arr = np.asarray(img if img.mode not in ("P", "PA") else img.convert("L"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"cannot decode mask ({len(data)} bytes): {str(exc).splitlines()[0]}") from None
+        arr = decode_labels(data)
+    except ImageRejected as exc:
+        raise DataError(f"cannot decode mask ({len(data)} bytes): {exc}") from None
     return arr.any(axis=-1) if arr.ndim == 3 else arr != 0
 
 
@@ -221,7 +218,8 @@ def load_pair(path: str, mask_path: str | None, spec: "PreprocessSpec",
 
     The mask is read from ``mask_path``, or computed by ``segmenter`` on the full-resolution image.
     """
-    from breakhis_ray.data.transforms import decode_image, prepare_uint8
+    from breakhis_ray.data.decode import decode_rgb as decode_image
+    from breakhis_ray.data.transforms import prepare_uint8
 
     try:
         full = decode_image(storage.read_bytes(path))
@@ -266,76 +264,6 @@ class LoadPairs:
         return out
 
 
-# ------------------------------------------------------------------------------------- augmentation
-def _geometry_and_colour(cfg: AugmentConfig) -> tuple[AugmentConfig, AugmentConfig]:
-    geometry = cfg.model_copy(update={"hed_jitter": 0.0, "color_jitter": 0.0, "random_resized_crop": False})
-    colour = cfg.model_copy(update={"hflip": False, "vflip": False, "rot90": False, "random_resized_crop": False})
-    return geometry, colour
-
-
-def augment_pairs(batch: dict[str, np.ndarray], cfg: AugmentConfig, rngs: Sequence[np.random.Generator],
-                  pixel_columns: Sequence[str] = ("mask",)) -> dict[str, np.ndarray]:
-    """Random flips/quarter turns applied identically to ``image`` and each ``(N, H, W)`` column in
-    ``pixel_columns``; HED and colour jitter to ``image`` only. Other columns pass through.
-
-    Built on :func:`breakhis_ray.data.augment.augment_image`: the mask columns ride along as extra channels
-    of the image for the geometric part, so both see exactly the same transform.
-    """
-    from breakhis_ray.data.augment import augment_image
-
-    if cfg.random_resized_crop:
-        raise DataError("random_resized_crop is not supported for image/mask pairs")
-    images = np.asarray(batch["image"])
-    columns = [c for c in pixel_columns if c in batch]
-    if not cfg.enabled or len(images) == 0:
-        return batch
-    if len(rngs) != len(images):
-        raise DataError(f"augment_pairs got {len(rngs)} generators for {len(images)} images")
-    geometry, colour = _geometry_and_colour(cfg)
-    extra = [np.asarray(batch[c]) for c in columns]
-    for c, arr in zip(columns, extra):
-        if arr.shape != images.shape[:3] or arr.dtype != np.uint8:
-            raise DataError(f"column {c!r} must be uint8 {images.shape[:3]}, got {arr.dtype} {arr.shape}")
-    out_images = np.empty_like(images)
-    out_extra = [np.empty_like(a) for a in extra]
-    for i, rng in enumerate(rngs):
-        stacked = np.concatenate([images[i], *[a[i][..., None] for a in extra]], axis=-1)
-        moved = augment_image(stacked, geometry, rng)
-        out_images[i] = augment_image(np.ascontiguousarray(moved[..., :3]), colour, rng)
-        for j, a in enumerate(out_extra):
-            a[i] = moved[..., 3 + j]
-    return {**batch, "image": out_images, **dict(zip(columns, out_extra))}
-
-
-class PairAugment:
-    """Ray Data ``map_batches`` function: :func:`augment_pairs` with per-row, per-epoch generators seeded as
-    :class:`breakhis_ray.data.augment.RandomAugment` seeds them (``seed``, execution index, row ``key``).
-    The ``key`` column is consumed when ``drop_key`` is set."""
-
-    def __init__(self, cfg: AugmentConfig | dict, seed: int | None, pixel_columns: Sequence[str] = ("mask",),
-                 drop_key: bool = True):
-        self.cfg = (cfg if isinstance(cfg, AugmentConfig) else AugmentConfig.model_validate(cfg)).model_dump()
-        self.seed = seed
-        self.pixel_columns = tuple(pixel_columns)
-        self.drop_key = drop_key
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from breakhis_ray.data.augment import execution_index, sample_rngs
-
-        cfg = AugmentConfig.model_validate(self.cfg)
-        n = len(batch["image"])
-        if self.seed is None:
-            rngs = list(np.random.default_rng().spawn(n))
-        else:
-            if "key" not in batch:
-                raise DataError("seeded augmentation needs a 'key' column (stable per-row hash of 'path')")
-            rngs = sample_rngs(self.seed, execution_index(), batch["key"])
-        out = augment_pairs(batch, cfg, rngs, self.pixel_columns)
-        if self.drop_key:
-            out = {k: v for k, v in out.items() if k != "key"}
-        return out
-
-
 # ------------------------------------------------------------------------------------------- datasets
 def _from_rows(rows: "pd.DataFrame", block_rows: int):
     import ray.data
@@ -360,6 +288,8 @@ def build_seg_datasets(cfg: SegDataConfig, spec: "PreprocessSpec", rows: "pd.Dat
     """``{"train", "val"}`` Ray datasets of ``image``/``mask`` pairs (module docstring) and the pair table
     under ``"rows"``."""
     from ray.data import RandomSeedConfig
+
+    from breakhis_ray.data.augment import PairAugment
 
     if tuple(spec.size) != tuple(cfg.image_size):
         raise DataError(f"preprocess size {spec.size} differs from data.image_size {cfg.image_size}")

@@ -10,19 +10,23 @@ foreground masks are identical by construction). Outputs under ``out``::
     segment_eval.json   {"methods": {"threshold": {"dice", "iou", "n", ...}, ...}, "images": N, ...}
     overlays.png        a few tiles: ground truth, then each method (nucleus contours)
     config.yaml         the resolved SegEvalConfig
+    versions.json       library versions
 """
 
 from __future__ import annotations
 
-import io
 import json
+import logging
 from typing import Any
 
 import numpy as np
 
 from breakhis_ray import storage
-from breakhis_ray.config import SegEvalConfig, config_yaml, dump_config, validate_config
+from breakhis_ray.artifacts import write_provenance, write_text_atomic
+from breakhis_ray.config import SegEvalConfig, dump_config, validate_config
 from breakhis_ray.errors import DataError
+
+log = logging.getLogger(__name__)
 
 RESULT_FILE = "segment_eval.json"
 OVERLAY_FILE = "overlays.png"
@@ -95,11 +99,11 @@ def load_eval_pair(path: str, mask_path: str, size: tuple[int, int] | None) -> t
     """(uint8 RGB image, int64 instance labels) at native resolution or resized to ``size`` (nearest mask)."""
     from PIL import Image
 
-    from breakhis_ray.data.transforms import decode_image, resize_uint8
+    from breakhis_ray.data.decode import decode_labels, decode_rgb
+    from breakhis_ray.data.transforms import resize_uint8
 
-    image = np.array(decode_image(storage.read_bytes(path)))  # writable: torch.from_numpy needs it
-    with Image.open(io.BytesIO(storage.read_bytes(mask_path))) as img:
-        labels = np.asarray(img).astype(np.int64)
+    image = np.array(decode_rgb(storage.read_bytes(path)))  # writable: torch.from_numpy needs it
+    labels = decode_labels(storage.read_bytes(mask_path)).astype(np.int64)
     if labels.ndim == 3:
         labels = labels.any(axis=-1).astype(np.int64)
     if labels.shape != image.shape[:2]:
@@ -226,11 +230,10 @@ def run_segment_eval(cfg: SegEvalConfig) -> dict:
     }
     overlay = write_overlays(cfg, rows, build_segmenters(cfg))
     summary["overlays"] = overlay
-    storage.write_text(storage.join(cfg.out, RESULT_FILE), json.dumps(summary, indent=2) + "\n")
-    storage.write_text(storage.join(cfg.out, "config.yaml"), config_yaml(cfg))
-    print(f"[segment-eval] {summary['images']} images of {summary['patients']} patients "
-          f"({'native size' if cfg.eval_size is None else f'{cfg.eval_size[1]}x{cfg.eval_size[0]}'})", flush=True)
-    print(format_table(summary["methods"]), flush=True)
-    print(f"[segment-eval] wrote {storage.join(cfg.out, RESULT_FILE)}" + (f" and {overlay}" if overlay else ""),
-          flush=True)
+    write_text_atomic(storage.join(cfg.out, RESULT_FILE), json.dumps(summary, indent=2) + "\n")
+    write_provenance(cfg.out, cfg)
+    size = "native size" if cfg.eval_size is None else f"{cfg.eval_size[1]}x{cfg.eval_size[0]}"
+    log.info("[segment-eval] %d images of %d patients (%s)", summary["images"], summary["patients"], size)
+    log.info("%s", format_table(summary["methods"]))
+    log.info("[segment-eval] wrote %s%s", storage.join(cfg.out, RESULT_FILE), f" and {overlay}" if overlay else "")
     return summary

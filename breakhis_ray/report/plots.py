@@ -10,7 +10,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-CLASS_NAMES = ("benign", "malignant")
+from breakhis_ray.domain import LABELS
+
+CLASS_NAMES = LABELS
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 DPI = 100
 

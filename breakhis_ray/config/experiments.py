@@ -1,0 +1,209 @@
+"""Configs of the composite commands: the papers' experiment grid (``breakhis-ray experiments``) and the
+demo pipeline (``breakhis-ray demo``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from breakhis_ray.config.base import StrictModel, parse_magnifications, shipped_config, wh_size
+from breakhis_ray.config.common import RayConfig, ScalingSection
+from breakhis_ray.config.data import SplitOptions, SynthConfig
+from breakhis_ray.domain import MAGNIFICATIONS
+
+
+GRID_TABLES = ("vgg_tab3", "vgg_fig4", "vgg_tab4", "cancernet_tab1")
+
+
+def _grid_magnifications(value: Any) -> list[int]:
+    mags = parse_magnifications(value)
+    return list(MAGNIFICATIONS) if mags == "all" else mags
+
+
+class LossTableSection(StrictModel):
+    """VGG paper Tab. 3: one model per loss (cross-entropy, class-weighted cross-entropy, focal)."""
+
+    losses: list[Literal["ce", "weighted_ce", "focal"]] = Field(default_factory=lambda: ["ce", "weighted_ce", "focal"])
+    overrides: list[str] = Field(default_factory=list, description="TrainConfig key=value for this table's runs")
+
+
+class StrategyTableSection(StrictModel):
+    """VGG paper Fig. 4: one model per transfer-learning strategy (they need model.weights to mean anything)."""
+
+    strategies: list[Literal["scratch", "frozen", "finetune", "finetune_aug", "warmup_finetune"]] = Field(
+        default_factory=lambda: ["scratch", "frozen", "finetune", "finetune_aug"])
+    overrides: list[str] = Field(default_factory=list)
+
+
+class MagnificationTableSection(StrictModel):
+    """VGG paper Tab. 4: accuracy per magnification, from one model per magnification
+    (``per_magnification``) or from one magnification-independent model scored per magnification (``shared``)."""
+
+    magnifications: list[int] = Field(default_factory=lambda: list(MAGNIFICATIONS))
+    mode: Literal["per_magnification", "shared"] = "per_magnification"
+    overrides: list[str] = Field(default_factory=list)
+
+    _magnifications = field_validator("magnifications", mode="before")(lambda cls, v: _grid_magnifications(v))
+
+
+class SegmentationTableSection(StrictModel):
+    """CancerNet Table 1: each CNN without and with nuclear segmentation guidance (``unet``, or the classical
+    ``threshold`` / ``watershed``), scored by precision, recall and F1. Defaults follow the paper's training
+    (categorical cross-entropy, Adam at lr 0.001, pixels in [0, 1])."""
+
+    models: list[str] = Field(default_factory=lambda: ["vgg16_bn", "resnet50", "densenet121"])
+    segmentations: list[Literal["none", "threshold", "watershed", "unet"]] = Field(
+        default_factory=lambda: ["none", "unet"])
+    guidance_mode: Literal["channel", "emphasis"] = Field(
+        default="channel", description="channel: the mask as a 4th input channel; emphasis: non-nuclei faded")
+    overrides: list[str] = Field(default_factory=lambda: ["loss.name=ce", "data.scale=unit",
+                                                          "train.optimizer=adam", "train.lr=0.001"])
+
+
+class GridSegmenterSection(StrictModel):
+    """The U-Net behind ``segmentation: unet``: an existing checkpoint, or one trained once for the grid
+    (``breakhis-ray train-segmenter`` on ``root``: ground-truth masks, or pseudo-labels via overrides)."""
+
+    checkpoint: str | None = Field(default=None, description="U-Net checkpoint directory; null: train one")
+    config: str = Field(default_factory=lambda: shipped_config("train_segmenter_tiny.yaml"),
+                        description="SegTrainConfig YAML; default: the shipped jobs/configs/train_segmenter_tiny.yaml")
+    overrides: list[str] = Field(default_factory=list, description="SegTrainConfig key=value overrides")
+
+
+class GridScoringSection(StrictModel):
+    """Scoring of each trial's checkpoint on the test split of its fold (one Ray task per trial)."""
+
+    checkpoint: Literal["best", "latest"] = "best"
+    batch_size: int = Field(default=32, ge=1)
+    num_cpus: float = Field(default=0.5, gt=0.0)
+    num_gpus: float = Field(default=0.0, ge=0.0)
+
+
+class ExperimentsConfig(StrictModel):
+    """``breakhis-ray experiments``: the papers' tables as a Ray Tune grid over Ray Train runs.
+
+    Every (table cell, protocol, fold) becomes a training config: ``base_train_config`` < ``base_overrides``
+    < the table's ``overrides`` < the cell's setting; cells with the same resolved config share one trial.
+    Each protocol gets its own splits and, per fold, its own prepared shards under ``<out>/data``. A re-run
+    with the same ``out`` skips finished stages and trials (``resume``).
+    """
+
+    out: str = Field(description="output directory (local or s3://): grid.json, tables.md, runs, trials, data")
+    root: str | None = Field(default=None, description="BreakHis tree URI or manifest Parquet; "
+                             "default: synthetic.out")
+    synthetic: SynthConfig | None = Field(default=None, validate_default=True,
+                                          description="generate this synthetic BreakHis first (kept when "
+                                          "already there) and use it as root")
+    base_train_config: str = Field(default_factory=lambda: shipped_config("train_tiny.yaml"),
+                                   description="TrainConfig YAML; default: the shipped jobs/configs/train_tiny.yaml")
+    base_overrides: list[str] = Field(default_factory=list, description="TrainConfig key=value for every run")
+    tables: list[Literal["vgg_tab3", "vgg_fig4", "vgg_tab4", "cancernet_tab1"]] = Field(
+        default_factory=lambda: list(GRID_TABLES))
+    split: SplitOptions = Field(default_factory=SplitOptions, description="how folds are made (mode: protocols)")
+    protocols: list[Literal["patient", "official", "image"]] = Field(default_factory=lambda: ["patient", "image"])
+    folds: list[int] = Field(default_factory=lambda: [1], description="folds to run; an int N means 1..N")
+    prepare_overrides: list[str] = Field(default_factory=lambda: ["enhance.enabled=true"],
+                                         description="PrepareConfig key=value for every protocol and fold")
+    vgg_tab3: LossTableSection = Field(default_factory=LossTableSection)
+    vgg_fig4: StrategyTableSection = Field(default_factory=StrategyTableSection)
+    vgg_tab4: MagnificationTableSection = Field(default_factory=MagnificationTableSection)
+    cancernet_tab1: SegmentationTableSection = Field(default_factory=SegmentationTableSection)
+    segmenter: GridSegmenterSection = Field(default_factory=GridSegmenterSection)
+    scaling: ScalingSection | None = Field(default=None, description="Ray Train workers of every trial "
+                                           "(null: the base config's); num_workers >= 1")
+    trial_cpus: float = Field(default=0.1, gt=0.0, description="CPUs held by each trial's driver process "
+                              "(it launches Ray Train and waits; workers get scaling's resources)")
+    max_concurrent_trials: int = Field(default=1, ge=1)
+    trial_retries: int = Field(default=0, ge=0, description="Ray Tune retries of a failed trial")
+    scoring: GridScoringSection = Field(default_factory=GridScoringSection)
+    resume: bool = Field(default=True, description="skip finished stages and trials found in out; false: "
+                         "refuse an out that already holds finished trials")
+    ray: RayConfig = RayConfig()
+
+    @field_validator("synthetic")
+    @classmethod
+    def _one_root(cls, value: SynthConfig | None, info) -> SynthConfig | None:
+        root = info.data.get("root")
+        if root is None and value is None:
+            raise ValueError("set root (a BreakHis tree or manifest Parquet) or synthetic (to generate one)")
+        if root is not None and value is not None and root.rstrip("/") != value.out.rstrip("/"):
+            raise ValueError(f"synthetic.out {value.out!r} differs from root {root!r}: give one of them")
+        return value
+
+    @field_validator("tables", "protocols")
+    @classmethod
+    def _distinct(cls, value: list) -> list:
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"must be a non-empty list without repeats, got {value}")
+        return value
+
+    @field_validator("split")
+    @classmethod
+    def _mode_from_protocols(cls, value: SplitOptions) -> SplitOptions:
+        if value.mode != "patient":  # the default; dumped configs carry it
+            raise ValueError("split.mode is set per protocol: list the protocols in `protocols` instead")
+        return value
+
+    @field_validator("protocols")
+    @classmethod
+    def _official_needs_folds_file(cls, value: list[str], info) -> list[str]:
+        split = info.data.get("split")
+        if "official" in value and split is not None and not split.folds_file:
+            raise ValueError("protocol 'official' needs split.folds_file (dsfoldN.txt or Folds.csv)")
+        return value
+
+    @field_validator("folds", mode="before")
+    @classmethod
+    def _fold_count(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return list(range(1, value + 1))
+        return value
+
+    @field_validator("folds")
+    @classmethod
+    def _folds_in_split(cls, value: list[int], info) -> list[int]:
+        split = info.data.get("split")
+        n = split.folds if split is not None else None
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"must be a non-empty list without repeats, got {value}")
+        if n is not None and any(not 1 <= f <= n for f in value):
+            raise ValueError(f"folds must lie in 1..split.folds={n}, got {value}")
+        return value
+
+    @field_validator("scaling")
+    @classmethod
+    def _workers(cls, value: ScalingSection | None) -> ScalingSection | None:
+        if value is not None and value.num_workers < 1:
+            raise ValueError("must have num_workers >= 1 in a grid: Ray Train's in-process mode (0) does not run "
+                             "inside a Ray Tune trial and persists no checkpoint to score")
+        return value
+
+    @property
+    def tree_root(self) -> str:
+        """The BreakHis tree or manifest the grid reads (``root``, else ``synthetic.out``)."""
+        return self.root if self.root is not None else self.synthetic.out
+
+
+class DemoConfig(StrictModel):
+    """``make demo``: synth -> manifest -> split -> prepare -> train -> U-Net -> infer -> evaluate -> report.
+
+    ``size`` is the synthetic tiles' ``(width, height)``, as :class:`SynthConfig`'s.
+    """
+
+    out: str = Field(default="runs/demo", description="output directory (relative: to the working directory)")
+    seed: int = 0
+    fraction: float = Field(default=0.05, gt=0.0, le=1.0, description="share of BreakHis' 7,909 images")
+    size: tuple[int, int] = (350, 230)
+    difficulty: float = Field(default=0.5, ge=0.0, le=1.0)
+    train_config: str = Field(default_factory=lambda: shipped_config("train_tiny.yaml"),
+                              description="TrainConfig YAML; default: the shipped jobs/configs/train_tiny.yaml")
+    segmenter_config: str = Field(default_factory=lambda: shipped_config("train_segmenter_tiny.yaml"),
+                                  description="SegTrainConfig YAML; default: the shipped "
+                                  "jobs/configs/train_segmenter_tiny.yaml")
+    train_overrides: list[str] = Field(default_factory=list, description="key=value overrides for training")
+    segmenter_overrides: list[str] = Field(default_factory=list)
+    infer_segmenter: Literal["unet", "threshold", "watershed"] = "unet"
+    ray: RayConfig = RayConfig()
+
+    _size = field_validator("size", mode="before")(lambda cls, v: wh_size(v))

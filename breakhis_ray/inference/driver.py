@@ -1,0 +1,145 @@
+"""The Ray Data driver of ``infer``: work units -> CPU decode tasks -> Predictor actors -> chunk writer.
+
+``breakhis-ray infer --input URI --out URI --classifier CKPT [--segmenter CKPT|threshold|watershed]``
+
+1. **Listing** (driver, :mod:`~breakhis_ray.inference.plan`): one recursive listing of ``--input``, a
+   deterministic order, chunks of ``chunk_size``.
+2. **CPU stage** (Ray tasks, ``decode_num_cpus`` each; :mod:`~breakhis_ray.inference.decode_stage`): read
+   bytes through :mod:`breakhis_ray.storage`, decode with :mod:`breakhis_ray.data.decode` (the decoder
+   ``prepare`` and training use, with its ``max_pixels`` guard) and prepare the model inputs. A bad input
+   becomes an error row; nothing raises.
+3. **Model stage** (:class:`~breakhis_ray.inference.predictor.Predictor` actors: ``batch_size``,
+   ``concurrency``, ``num_cpus``, ``num_gpus``): segmenter and classifier loaded once per actor, fused.
+4. **Output** (driver, :mod:`~breakhis_ray.inference.writer`): one atomic Parquet part per complete chunk;
+   a re-run processes only the missing chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Sequence
+
+from breakhis_ray import storage
+from breakhis_ray.allocator import MODEL_PROCESS_ENV
+from breakhis_ray.artifacts import write_json, write_provenance
+from breakhis_ray.config import InferConfig
+from breakhis_ray.inference.decode_stage import read_and_decode, read_and_decode_shards
+from breakhis_ray.inference.plan import InputPlan, plan_inputs
+from breakhis_ray.inference.predictor import Predictor, new_run_id, resolve_sizes
+from breakhis_ray.inference.schema import MASKS_DIR, PREDICTIONS_DIR
+from breakhis_ray.inference.writer import ChunkWriter, check_or_write_plan, done_chunks, plan_record
+
+log = logging.getLogger(__name__)
+
+
+def _predictor_kwargs(cfg: InferConfig, segment_size, run_id: str) -> dict:
+    return {
+        "classifier": cfg.classifier,
+        "segmenter": cfg.segmenter,
+        "segmenter_options": dict(cfg.segmenter_options),
+        "segment_size": list(segment_size) if segment_size else None,
+        "device": cfg.device,
+        "amp": cfg.amp,
+        "torch_threads": cfg.torch_threads or max(1, round(cfg.num_cpus)),
+        "mask_dir": storage.join(cfg.out, MASKS_DIR) if cfg.write_masks and cfg.segmenter else None,
+        "run_id": run_id,
+    }
+
+
+def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], preprocessing: dict,
+                  segment_size, run_id: str):
+    """The Ray Data pipeline for ``chunks``: work units -> CPU decode tasks -> Predictor actors."""
+    import ray.data
+
+    units = plan.units(chunks)
+    decode_kwargs = {"preprocessing": preprocessing, "segment_size": segment_size, "max_pixels": cfg.max_pixels}
+    # Decode workers are recycled after decode_max_calls tasks (bounds allocator growth from images of
+    # many sizes). Their remote args then differ from the actors', so Ray Data keeps decoding a separate
+    # operator instead of fusing it into the model actors (it fuses only identical remote args).
+    decode_remote: dict[str, Any] = {"num_cpus": cfg.decode_num_cpus}
+    if cfg.decode_max_calls:
+        decode_remote["max_calls"] = cfg.decode_max_calls
+    if cfg.decode_concurrency:
+        decode_remote["compute"] = ray.data.TaskPoolStrategy(size=cfg.decode_concurrency)
+    # Workers on other nodes (or started before the credentials were set) get object-storage settings here.
+    env = storage.credential_env()
+    runtime_env = {"env_vars": env} if env else None
+    if runtime_env:
+        decode_remote["runtime_env"] = runtime_env
+    if plan.mode == "shards":
+        ds = ray.data.from_arrow(units, override_num_blocks=max(1, min(len(units), 4096)))
+        ds = ds.map_batches(read_and_decode_shards, batch_size=1, batch_format="numpy",
+                            fn_kwargs={**decode_kwargs, "rows_per_batch": cfg.decode_batch_size}, **decode_remote)
+    else:
+        blocks = max(1, min(math.ceil(len(units) / cfg.decode_batch_size), 4096))
+        ds = ray.data.from_arrow(units, override_num_blocks=blocks)
+        ds = ds.map_batches(read_and_decode, batch_size=cfg.decode_batch_size, batch_format="numpy",
+                            fn_kwargs={**decode_kwargs, "io_threads": cfg.io_threads}, **decode_remote)
+    return ds.map_batches(
+        Predictor,
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        fn_constructor_kwargs=_predictor_kwargs(cfg, segment_size, run_id),
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus or None,
+        # model processes keep freed memory (breakhis_ray.allocator): no page faults on every batch
+        runtime_env={"env_vars": {**env, **MODEL_PROCESS_ENV}},
+    )
+
+
+def run_infer(cfg: InferConfig) -> dict:
+    """CLI stage: predict every input not yet in ``cfg.out``; return (and log) the run summary."""
+    start = time.perf_counter()
+    run_id = cfg.run_id or new_run_id()
+    plan = plan_inputs(cfg)
+    preprocessing, segment_size = resolve_sizes(cfg.classifier, cfg.segmenter, cfg.segment_size)
+    pred_dir = storage.join(cfg.out, PREDICTIONS_DIR)
+    storage.makedirs(pred_dir)
+    resumed = check_or_write_plan(pred_dir, plan_record(plan, cfg))
+    done = done_chunks(pred_dir, plan.n_chunks) if resumed else set()
+    pending = [c for c in range(plan.n_chunks) if c not in done]
+    if cfg.max_chunks is not None:
+        pending = pending[: cfg.max_chunks]
+    write_provenance(cfg.out, cfg)
+
+    writer = ChunkWriter(plan, pred_dir, pending)
+    if pending:
+        from breakhis_ray.ray_utils import ensure_ray
+
+        ensure_ray(cfg.ray)
+        ds = build_dataset(cfg, plan, pending, preprocessing, segment_size, run_id)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.add(batch)
+        missing = {c: m for c, m in writer.missing().items() if m}
+        if missing:
+            raise RuntimeError(f"inference lost rows: chunk -> missing rows {missing}")
+    seconds = time.perf_counter() - start
+    processed = writer.ok + writer.errors
+    skipped = sum(plan.chunk_count(c) for c in done)
+    remaining = plan.n_chunks - len(done) - writer.written
+    summary = {
+        "out": cfg.out,
+        "predictions": pred_dir,
+        "run_id": run_id,
+        "mode": plan.mode,
+        "total": len(plan.paths),
+        "processed": processed,
+        "ok": writer.ok,
+        "error": writer.errors,
+        "skipped_done": skipped,
+        "chunks": plan.n_chunks,
+        "chunks_written": writer.written,
+        "chunks_skipped": len(done),
+        "chunks_remaining": remaining,
+        "complete": remaining == 0,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(processed / seconds, 2) if seconds > 0 else None,
+    }
+    write_json(storage.join(cfg.out, "summary.json"), summary)
+    state = "complete" if remaining == 0 else f"INCOMPLETE: {remaining} chunk(s) left, re-run to finish"
+    log.info("infer: total=%s ok=%s error=%s skipped_as_done=%s images/s=%s (%s) -> %s", summary["total"],
+             writer.ok, writer.errors, skipped, summary["images_per_s"], state, pred_dir)
+    return summary

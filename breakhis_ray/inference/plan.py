@@ -1,0 +1,185 @@
+"""Input planning for ``infer``: list ``--input`` once, decide what the inputs are, cut them into chunks.
+
+``--input`` may be a local or ``s3://`` tree of image files (any names), the Parquet shards written by
+``prepare`` (``<prep>/shards/*.parquet``: ``image`` bytes + ``path``), or a manifest Parquet (column
+``path``). Inputs are put in a deterministic order (sorted paths; shard file then row for shards) and cut into
+chunks of ``chunk_size``; a chunk is the unit the writer (:mod:`breakhis_ray.inference.writer`) writes and a
+re-run skips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from breakhis_ray import storage
+from breakhis_ray.config import InferConfig
+from breakhis_ray.errors import ConfigError, DataError, StorageError
+from breakhis_ray.inference.schema import CHUNK_COLUMN
+
+
+@dataclass
+class InputPlan:
+    """The ordered inputs of a run and how they are cut into chunks.
+
+    ``mode``: ``images`` (files read one by one), ``manifest`` (same, paths from a Parquet column) or
+    ``shards`` (rows of prepare's Parquet shards). ``paths``: every input in processing order.
+    ``locations``: for shards, ``(file index, row group, row in group)`` of each input.
+    """
+
+    mode: str
+    paths: list[str]
+    chunk_size: int
+    files: list[str] = field(default_factory=list)
+    locations: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(len(self.paths) / self.chunk_size)
+
+    def chunk_count(self, chunk: int) -> int:
+        return min(self.chunk_size, len(self.paths) - chunk * self.chunk_size)
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for path in self.paths:
+            h.update(path.encode("utf-8", "surrogatepass"))
+            h.update(b"\0")
+        return h.hexdigest()
+
+    def units(self, chunks: Sequence[int]) -> pa.Table:
+        """Work units for the given chunks: one row per image, or one row per (shard row group, chunk)."""
+        if self.mode != "shards":
+            paths, ids = [], []
+            for c in chunks:
+                part = self.paths[c * self.chunk_size:(c + 1) * self.chunk_size]
+                paths.extend(part)
+                ids.extend([c] * len(part))
+            return pa.table({"path": pa.array(paths, pa.string()), CHUNK_COLUMN: pa.array(ids, pa.int32())})
+        files, groups, rows, ids = [], [], [], []
+        for c in chunks:
+            key, current = None, None
+            for i in range(c * self.chunk_size, c * self.chunk_size + self.chunk_count(c)):
+                f, g, r = self.locations[i]
+                if (f, g) != key:
+                    key, current = (f, g), []
+                    files.append(self.files[f])
+                    groups.append(g)
+                    rows.append(current)
+                    ids.append(c)
+                current.append(r)
+        return pa.table({
+            "file": pa.array(files, pa.string()),
+            "row_group": pa.array(groups, pa.int32()),
+            "rows": pa.array(rows, pa.list_(pa.int32())),
+            CHUNK_COLUMN: pa.array(ids, pa.int32()),
+        })
+
+
+def _parquet_columns(uri: str) -> list[str]:
+    fs, path = storage.resolve(uri)
+    try:
+        return list(pq.read_schema(path, filesystem=fs).names)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{uri} is not a readable Parquet file: {str(exc).splitlines()[0]}") from None
+
+
+def _read_columns(uri: str, columns: list[str]) -> tuple[pa.Table, list[int]]:
+    """Selected columns of a Parquet file and the row count of each of its row groups."""
+    fs, path = storage.resolve(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+            table = pf.read(columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{uri} is not a readable Parquet file: {str(exc).splitlines()[0]}") from None
+    return table, sizes
+
+
+def _plan_manifest(files: list[str], chunk_size: int) -> InputPlan:
+    paths: set[str] = set()
+    for uri in files:
+        if "path" not in _parquet_columns(uri):
+            raise DataError(f"{uri} has no 'path' column: give an image tree, prepare's shards or a manifest")
+        table, _ = _read_columns(uri, ["path"])
+        paths.update(p for p in table.column("path").to_pylist() if p)
+    if not paths:
+        raise DataError(f"no image paths in {', '.join(files)}")
+    return InputPlan("manifest", sorted(paths), chunk_size)
+
+
+def _plan_shards(files: list[str], chunk_size: int, include_augmented: bool) -> InputPlan:
+    def read(uri: str) -> tuple[list[str], list[int], list[bool]]:
+        names = _parquet_columns(uri)
+        if "image" not in names or "path" not in names:
+            raise DataError(f"{uri} is not a shard: it needs 'image' and 'path' columns")
+        cols = ["path"] + (["augmentation"] if "augmentation" in names else [])
+        table, sizes = _read_columns(uri, cols)
+        aug = table.column("augmentation").to_pylist() if "augmentation" in names else [None] * len(table)
+        return table.column("path").to_pylist(), sizes, [a is not None for a in aug]
+
+    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+        contents = list(pool.map(read, files))
+    paths, locations = [], []
+    for f, (file_paths, sizes, augmented) in enumerate(contents):
+        row = 0
+        for g, size in enumerate(sizes):
+            for r in range(size):
+                if include_augmented or not augmented[row]:
+                    paths.append(file_paths[row])
+                    locations.append((f, g, r))
+                row += 1
+    if not paths:
+        raise DataError(f"no rows to predict in the shards {files[0]} ...")
+    if len(set(paths)) != len(paths):
+        raise DataError("the shards hold the same path more than once; predictions need one row per path")
+    return InputPlan("shards", paths, chunk_size, files=list(files), locations=locations)
+
+
+def plan_inputs(cfg: InferConfig) -> InputPlan:
+    """List ``cfg.input`` once and decide what the inputs are (see :class:`InputPlan`)."""
+    uri = cfg.input.rstrip("/")
+    fmt = cfg.input_format
+    if uri.lower().endswith(".parquet") and not storage.is_dir(uri):
+        if not storage.exists(uri):
+            raise StorageError(f"not found: {uri}")
+        if fmt == "auto":
+            fmt = "shards" if "image" in _parquet_columns(uri) else "manifest"
+        if fmt == "shards":
+            return _plan_shards([uri], cfg.chunk_size, cfg.include_augmented)
+        if fmt == "manifest":
+            return _plan_manifest([uri], cfg.chunk_size)
+        raise ConfigError(f"input_format=images but {uri} is a Parquet file")
+    if not storage.is_dir(uri):
+        if storage.exists(uri):  # one image file
+            return InputPlan("images", [uri], cfg.chunk_size)
+        raise StorageError(f"not found: {uri}")
+    files = storage.list_files(uri)
+    images = [f for f in files if f.lower().endswith(tuple(cfg.extensions))]
+    parquets = [f for f in files if f.lower().endswith(".parquet")]
+    shard_dir = storage.join(uri, "shards")
+    prep_shards = [f for f in parquets if storage.parent(f) == shard_dir]
+    if fmt == "auto":
+        if images:
+            fmt = "images"
+        elif parquets:
+            candidates = prep_shards or parquets
+            fmt = "shards" if "image" in _parquet_columns(candidates[0]) else "manifest"
+        else:
+            raise DataError(f"no images ({', '.join(cfg.extensions)}) or Parquet files under {uri}")
+    if fmt == "images":
+        if not images:
+            raise DataError(f"no images ({', '.join(cfg.extensions)}) under {uri}")
+        return InputPlan("images", images, cfg.chunk_size)
+    if not parquets:
+        raise DataError(f"no Parquet files under {uri} (input_format={fmt})")
+    if fmt == "shards":
+        return _plan_shards(prep_shards or parquets, cfg.chunk_size, cfg.include_augmented)
+    return _plan_manifest(parquets, cfg.chunk_size)
