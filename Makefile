@@ -21,7 +21,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) jobs/demo.py
 
+# The layering contracts (.importlinter) are checked first: a Ray import in the bottom layer fails the build.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
