@@ -34,6 +34,7 @@ from torch import nn
 from breakhis_ray import storage
 from breakhis_ray.domain import LABELS
 from breakhis_ray.errors import BreakhisError, StorageError
+from breakhis_ray.models.weights import strip_wrapper_prefixes
 
 FORMAT = "breakhis-ray-checkpoint"
 FORMAT_VERSION = 1
@@ -41,7 +42,6 @@ MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"
 TRAIN_STATE_FILE = "train_state.pt"
-_PREFIXES = ("module.", "_orig_mod.")
 _REQUIRED_PREPROCESSING = ("size", "mean", "std", "scale")
 
 
@@ -55,17 +55,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
-
-
-def strip_wrapper_prefixes(key: str) -> str:
-    """A state-dict key without the ``module.`` (DDP / DataParallel) and ``_orig_mod.`` (compile) prefixes."""
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
-    return key
 
 
 def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

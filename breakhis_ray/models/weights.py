@@ -31,8 +31,20 @@ import torch
 from torch import nn
 
 from breakhis_ray import storage
-from breakhis_ray.checkpoint import strip_wrapper_prefixes
 from breakhis_ray.errors import ConfigError, StorageError
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(key: str) -> str:
+    """A state-dict key without the ``module.`` (DDP / DataParallel) and ``_orig_mod.`` (compile) prefixes."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
 
 log = logging.getLogger(__name__)
 
