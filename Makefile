@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # Extra bench arguments, e.g. `make bench BENCH_ARGS="--quick --json /tmp/bench.json"`.
 BENCH_ARGS ?=
 
-.PHONY: venv demo test test-fast bench clean-demo
+.PHONY: venv demo test test-fast bench gpu-check clean-demo
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) jobs/bench.py $(BENCH_ARGS)
+
+# One-shot GPU check (< 8 min on one GPU): training steps, U-Net + VGG16 inference, JPEG decode CPU vs GPU;
+# writes runs/bench/gpu_check.json (on a machine without CUDA: a smoke run on the CPU).
+gpu-check: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) jobs/bench.py --gpu $(BENCH_ARGS)
 
 clean-demo:
 	rm -rf runs/demo

@@ -3,8 +3,9 @@
 Layout::
 
     <dir>/model.pt         state_dict (CPU tensors, DDP/compile prefixes stripped)
-    <dir>/meta.json        format, format_version, model_args, labels, preprocessing, torch version,
-                           sha256 of model.pt, optional metrics
+    <dir>/meta.json        format, format_version, model_args, labels, task (binary | subtype, from the
+                           labels), preprocessing, torch version, sha256 of model.pt, optional metrics,
+                           optional calibration ({"temperature": T}: infer divides the logits by T)
     <dir>/config.yaml      the resolved config that produced it (when given)
     <dir>/train_state.pt   optional: optimizer/scheduler/epoch/RNG state for resuming
 
@@ -32,7 +33,7 @@ import yaml
 from torch import nn
 
 from breakhis_ray import storage
-from breakhis_ray.domain import LABELS
+from breakhis_ray.domain import LABELS, task_of_classes
 from breakhis_ray.errors import BreakhisError, StorageError
 from breakhis_ray.models.weights import strip_wrapper_prefixes
 
@@ -145,6 +146,7 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "model_args": json.loads(json.dumps(args)),
         "labels": [str(lbl) for lbl in labels],
+        **({"task": task_of_classes(labels)} if task_of_classes(labels) else {}),
         "preprocessing": prep,
         "files": {MODEL_FILE: {"sha256": hashlib.sha256(model_bytes).hexdigest(), "bytes": len(model_bytes)}},
         "has_train_state": extra_state is not None,
@@ -257,6 +259,33 @@ def load_train_state(dir_or_uri: str, map_location: Any = "cpu") -> dict | None:
     return state
 
 
+def update_meta(dir_or_uri: str, **fields: Any) -> dict:
+    """Add or replace JSON-safe top-level ``fields`` of a checkpoint's ``meta.json`` (e.g. ``calibration``);
+    the weights and their sha256 stay as they are. Returns the new meta."""
+    from breakhis_ray.artifacts import write_text_atomic
+
+    uri = str(dir_or_uri).rstrip("/")
+    meta = read_meta(uri)
+    protected = {"format", "format_version", "model_args", "labels", "preprocessing", "files"}
+    if protected & set(fields):
+        raise ValueError(f"update_meta cannot change {sorted(protected & set(fields))}")
+    meta.update(json.loads(json.dumps(fields)))
+    write_text_atomic(storage.join(uri, META_FILE), json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def temperature_of(meta: Mapping[str, Any]) -> float:
+    """The calibration temperature a checkpoint's meta records (1.0: none)."""
+    value = (meta.get("calibration") or {}).get("temperature", 1.0)
+    try:
+        temperature = float(value)
+    except (TypeError, ValueError):
+        temperature = float("nan")
+    if not temperature > 0 or temperature == float("inf"):
+        raise StorageError(f"checkpoint calibration temperature must be a number > 0, got {value!r}")
+    return temperature
+
+
 def load_config_dict(dir_or_uri: str) -> dict | None:
     """The resolved config saved beside the weights (``None`` when absent)."""
     file_uri = storage.join(str(dir_or_uri).rstrip("/"), CONFIG_FILE)
@@ -278,5 +307,7 @@ __all__ = [
     "read_meta",
     "save_checkpoint",
     "strip_wrapper_prefixes",
+    "temperature_of",
     "unwrap_model",
+    "update_meta",
 ]

@@ -126,6 +126,19 @@ COMMANDS: tuple[Command, ...] = (
             Flag("--out", "out", "output URI for the prediction Parquet"),
             Flag("--classifier", "classifier", "classifier checkpoint directory (local or s3://)"),
             Flag("--segmenter", "segmenter", "U-Net checkpoint directory, or threshold | watershed"),
+            Flag("--explain", "explain.method", "class-activation heatmaps beside every prediction",
+                 choices=("gradcam", "gradcam++")),
+        ),
+    ),
+    Command(
+        "export",
+        "export a classifier checkpoint as TorchScript or ONNX (uint8 NHWC input, normalisation inside)",
+        "ExportConfig",
+        "breakhis_ray.export:run_export",
+        (
+            Flag("--checkpoint", "checkpoint", "classifier checkpoint directory (local or s3://)"),
+            Flag("--format", "format", "torchscript or onnx", choices=("torchscript", "onnx")),
+            Flag("--out", "out", "output file (local or s3://); FILE.json beside it holds the input contract"),
         ),
     ),
     Command(
@@ -144,6 +157,18 @@ COMMANDS: tuple[Command, ...] = (
         "experiment grid reproducing the papers' tables (Ray Tune over the Ray Train trainer)",
         "ExperimentsConfig",
         "breakhis_ray.experiments:run_experiments",
+    ),
+    Command(
+        "cv",
+        "cross-validation: every fold of a split under protocol MSB|MIB|MSM|MIM (Ray Tune over Ray Train), "
+        "out-of-fold predictions and summary.json (mean, std, 95-percent intervals)",
+        "CVConfig",
+        "breakhis_ray.experiments.cv:run_cv",
+        (
+            Flag("--out", "out", "output directory: summary.json, summary.md, oof_predictions.parquet"),
+            Flag("--protocol", "protocol", "binary (MSB, MIB) or subtype (MSM, MIM); MS*: one model per "
+                 "magnification", choices=("MSB", "MIB", "MSM", "MIM")),
+        ),
     ),
     Command(
         "report",
@@ -201,6 +226,9 @@ def _build_parser() -> argparse.ArgumentParser:
         if cmd.name == "bench":
             p.add_argument("--quick", dest="quick", action="store_const", const=True,
                            help="small sizes, about 5 minutes on 2 CPU cores [config key: quick]")
+            p.add_argument("--gpu", dest="gpu__enabled", action="store_const", const=True,
+                           help="the one-shot GPU check instead (a smoke run on CPU); JSON to "
+                           "runs/bench/gpu_check.json unless --json [config key: gpu.enabled]")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
     return parser
 

@@ -58,17 +58,57 @@ class _Stages:
         write_json(str(self.out / "demo.json"), self.record)
 
 
-def _test_manifest(manifest_uri: str, splits_uri: str, out_uri: str, fold: int = 1) -> int:
-    """The manifest rows of ``fold``'s test split (what the demo runs inference on)."""
+def _test_manifest(manifest_uri: str, splits_uri: str, out_uri: str, fold: int = 1, split: str = "test") -> int:
+    """The manifest rows of ``fold``'s ``split`` (the demo runs inference on the test and the val split)."""
     from breakhis_ray.data.manifest import read_manifest
     from breakhis_ray.data.splits import load_splits
 
     manifest = read_manifest(manifest_uri)
     splits = load_splits(splits_uri, manifest)
-    test_paths = set(splits.loc[(splits["fold"] == fold) & (splits["split"] == "test"), "path"])
+    test_paths = set(splits.loc[(splits["fold"] == fold) & (splits["split"] == split), "path"])
     rows = manifest[manifest["path"].isin(test_paths)].reset_index(drop=True)
     write_parquet(rows, out_uri)
     return len(rows)
+
+
+def headline(metrics: dict) -> dict:
+    """Balanced accuracy and ROC AUC (images, overall) of an ``evaluate`` result, plus its size."""
+    overall = metrics.get("overall") or {}
+    return {k: overall.get(k) for k in ("balanced_accuracy", "roc_auc", "n_images", "n_patients") if k in overall}
+
+
+def score_holdout_cohort(cfg: DemoConfig, classifier: str, out: Path) -> dict:
+    """Render a second synthetic cohort with another seed (every patient's latent parameters and pixels drawn
+    anew), list it, run the classifier over all of it and evaluate: how the model does on data it has never
+    seen from a cohort it has never seen. The same as::
+
+        breakhis-ray synth --out OUT/synthetic --seed S2 --fraction F --size WxH --difficulty D
+        breakhis-ray manifest --root OUT/synthetic --out OUT/manifest.parquet
+        breakhis-ray infer --input OUT/manifest.parquet --out OUT/predictions --classifier CKPT
+        breakhis-ray evaluate --predictions OUT/predictions --manifest OUT/manifest.parquet --out OUT/metrics.json
+
+    No validation predictions of that cohort exist, so the threshold of its accuracy figures is 0.5 (the
+    metrics JSON says so); the ROC AUC does not depend on it.
+    """
+    from breakhis_ray.data.manifest import run_manifest
+    from breakhis_ray.data.synthetic import run_synth
+    from breakhis_ray.evaluate import run_evaluate
+    from breakhis_ray.inference import run_infer
+
+    seed = cfg.seed + 1000 if cfg.holdout_seed is None else cfg.holdout_seed
+    run_synth(SynthConfig(out=str(out / "synthetic"), fraction=cfg.holdout_fraction, size=cfg.size, seed=seed,
+                          difficulty=cfg.difficulty, masks=False, grid=False, folds_files=False))
+    run_manifest(ManifestConfig(root=str(out / "synthetic"), out=str(out / "manifest.parquet")))
+    run_infer(load_config(InferConfig, None, [], {
+        "input": str(out / "manifest.parquet"), "out": str(out / "predictions"), "classifier": classifier,
+        "segmenter": None}))
+    metrics = run_evaluate(load_config(EvaluateConfig, None, [], {
+        "predictions": str(out / "predictions"), "manifest": str(out / "manifest.parquet"),
+        "out": str(out / "metrics.json")}))
+    scores = {"seed": seed, **headline(metrics), "metrics": str(out / "metrics.json")}
+    log.info("demo: holdout cohort (seed %d, %s images): balanced accuracy %s, ROC AUC %s", seed,
+             scores.get("n_images"), scores.get("balanced_accuracy"), scores.get("roc_auc"))
+    return scores
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -90,6 +130,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     ensure_ray(cfg.ray)
     synth_dir, manifest, splits = out / "synthetic", out / "manifest.parquet", out / "splits.parquet"
     prepared, test_manifest = out / "prepared", out / "test_manifest.parquet"
+    val_manifest = out / "val_manifest.parquet"
 
     with stages.stage("synth"):
         run_synth(SynthConfig(out=str(synth_dir), fraction=cfg.fraction, size=cfg.size, seed=cfg.seed,
@@ -135,10 +176,21 @@ def run_demo(cfg: DemoConfig) -> dict:
         run_infer(load_config(InferConfig, None, [], {
             "input": str(test_manifest), "out": str(out / "predictions"), "classifier": classifier,
             "segmenter": segmenter}))
+        # the validation split too: evaluate locks its decision threshold on these, never on the test split
+        n_val = _test_manifest(str(manifest), str(splits), str(val_manifest), split="val")
+        log.info("demo: %d validation-split images (fold 1), for the decision threshold", n_val)
+        run_infer(load_config(InferConfig, None, [], {
+            "input": str(val_manifest), "out": str(out / "val_predictions"), "classifier": classifier,
+            "segmenter": None}))
     with stages.stage("evaluate"):
-        run_evaluate(load_config(EvaluateConfig, None, [], {
+        test_metrics = run_evaluate(load_config(EvaluateConfig, None, [], {
             "predictions": str(out / "predictions"), "manifest": str(manifest), "out": str(out / "metrics.json"),
-            "splits": str(splits), "fold": [1]}))
+            "splits": str(splits), "fold": [1], "val_predictions": [str(out / "val_predictions")]}))
+        stages.output("scores", {"test": headline(test_metrics)})
+    if cfg.holdout:
+        with stages.stage("holdout"):
+            scores = score_holdout_cohort(cfg, classifier, out / "holdout")
+            stages.output("scores", {**stages.record["outputs"]["scores"], "holdout": scores})
     with stages.stage("report"):
         run_report(load_config(ReportConfig, None, [], {
             "out": str(out / "report"), "data_source": "synthetic", "protocol": "patient",
@@ -155,6 +207,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                       ("training run", summary["run_dir"]), ("U-Net run", seg_summary["run_dir"]),
                       ("segmentation", segment_eval), ("checkpoints", out / "checkpoints.json"),
                       ("predictions", out / "predictions"), ("metrics", out / "metrics.json"),
+                      *([("holdout", out / "holdout" / "metrics.json")] if cfg.holdout else []),
                       ("report", out / "report" / "report.html")]:
         log.info("  %-15s %s", key, path)
     log.info("  %-15s %s  (%.0f s in all)", "timings", out / "demo.json", sum(stages.record["stages"].values()))

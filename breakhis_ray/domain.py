@@ -29,6 +29,36 @@ SUBTYPE_CODES: dict[str, str] = {folder: code for code, folder in SUBTYPES.items
 SUBTYPE_LABELS: dict[str, str] = {code: (BENIGN if i < 4 else MALIGNANT) for i, code in enumerate(SUBTYPES)}
 #: The eight subtype class names in class-id order (the subtype task).
 SUBTYPE_CLASSES: tuple[str, ...] = tuple(SUBTYPES.values())
+#: Subtype class name (folder) -> binary label.
+SUBTYPE_CLASS_LABELS: dict[str, str] = {folder: SUBTYPE_LABELS[code] for code, folder in SUBTYPES.items()}
+
+#: Classification tasks: ``binary`` (benign / malignant) and ``subtype`` (the eight subtypes).
+TASKS: tuple[str, ...] = ("binary", "subtype")
+
+
+def task_classes(task: str) -> tuple[str, ...]:
+    """Class names of a task, in class-id order (the classifier's outputs and its checkpoint's ``labels``)."""
+    if task == "binary":
+        return LABELS
+    if task == "subtype":
+        return SUBTYPE_CLASSES
+    raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+
+
+def task_of_classes(classes) -> str | None:
+    """The task whose class names are ``classes`` (in order), else ``None``."""
+    names = tuple(str(c) for c in classes)
+    return next((task for task in TASKS if task_classes(task) == names), None)
+
+
+#: Benhammou et al.'s evaluation protocols: name -> (task, magnification mode). Magnification-specific
+#: (``specific``): one model per magnification; magnification-independent (``independent``): one model for all.
+EVALUATION_PROTOCOLS: dict[str, tuple[str, str]] = {
+    "MSB": ("binary", "specific"),
+    "MIB": ("binary", "independent"),
+    "MSM": ("subtype", "specific"),
+    "MIM": ("subtype", "independent"),
+}
 
 #: Optical magnifications of BreakHis, in order.
 MAGNIFICATIONS: tuple[int, ...] = (40, 100, 200, 400)

@@ -1,8 +1,9 @@
 """``breakhis-ray evaluate``: BreakHis metrics from prediction Parquet joined with the manifest.
 
 Inputs: the predictions written by ``infer`` (a Parquet file, or a directory of ``part-*.parquet``; files whose
-name starts with ``_`` or ``.`` are skipped) and the manifest. Rows are joined on ``path``; the manifest's
-label, patient, subtype and magnification win over the columns of the prediction file.
+name starts with ``_`` or ``.`` are skipped) and the manifest, read and joined by
+:mod:`breakhis_ray.evaluation.tables`. Rows are joined on ``path``; the manifest's label, patient, subtype and
+magnification win over the columns of the prediction file.
 
 Evaluation set: every predicted image found in the manifest, or, with ``splits``, the images of ``split`` in
 ``fold``. Nothing is dropped silently; the output counts
@@ -13,11 +14,21 @@ Evaluation set: every predicted image found in the manifest, or, with ``splits``
 * ``n_errors``: prediction rows in error (``status != "ok"`` or no probability) within the evaluation set.
   They are excluded from every metric denominator (``error_policy``) and listed by kind.
 
-Metrics (``breakhis_ray.metrics.compute_metrics``, malignant = positive class) are given overall, per
-magnification (the BreakHis convention: one model, four magnifications) and as recall per subtype. With
-several prediction sets (one per fold), ``folds`` holds each fold's result and ``mean_std`` the mean ± std
-over folds (:func:`aggregate_folds`); ``overall``/``per_magnification`` then hold the fold means, with
-``confusion_matrix``, ``n_images``, ``n_patients`` and ``n_errors`` summed over folds.
+Threshold: chosen on the validation predictions by ``threshold.rule`` (``fixed``, ``youden``,
+``sensitivity``; :mod:`breakhis_ray.evaluation.thresholds`) and locked for the evaluated split, whose
+predictions never move it. Validation predictions: ``val_predictions`` (one per prediction set), else, with
+``splits``, the rows of the fold's ``val`` split found in ``predictions``; without either the rule falls back
+to ``threshold.value`` and ``overall.threshold.rule`` says so.
+
+Metrics (malignant = positive class) are given overall, per magnification (the BreakHis convention: one
+model, four magnifications) and as recall per subtype. Each block (:func:`breakhis_ray.evaluation.metrics_block`)
+holds :func:`breakhis_ray.metrics.compute_metrics`, ``ci95`` (patient bootstrap), ``calibration`` (ECE, Brier,
+reliability bins), ``patient_aggregation`` (mean / majority / max) and, when the predictions carry the subtype
+columns (``prob_<subtype>`` for the eight :data:`~breakhis_ray.domain.SUBTYPE_CLASSES`), the subtype task's
+``classes``, ``macro_f1``, ``per_class``, ``patient_level`` and the 8x8 ``confusion_matrix``. With several
+prediction sets (one per fold), ``folds`` holds each fold's result and ``mean_std`` the mean ± std over folds
+(:func:`aggregate_folds`); ``overall``/``per_magnification`` then hold the fold means, with confusion matrices
+and counts summed over folds and ``ci95`` the interval of the mean over folds.
 """
 
 from __future__ import annotations
@@ -25,122 +36,47 @@ from __future__ import annotations
 import json
 import logging
 import math
-import posixpath
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from breakhis_ray import storage
 from breakhis_ray.artifacts import write_provenance_beside, write_text_atomic
 from breakhis_ray.config import EvaluateConfig
-from breakhis_ray.domain import MAGNIFICATIONS
-from breakhis_ray.errors import ConfigError, DataError, StorageError
-from breakhis_ray.metrics import METRIC_KEYS, compute_metrics, format_mean_std, mean_std_over_folds
+from breakhis_ray.domain import EVALUATION_PROTOCOLS, MAGNIFICATIONS
+from breakhis_ray.errors import ConfigError, DataError
+from breakhis_ray.evaluation import CI_LEVEL, Threshold, choose_threshold, fold_mean_block, metrics_block
+from breakhis_ray.evaluation.tables import (  # read/join/prediction_files: public here too, as before
+    SUBTYPE_PROB_COLUMNS,
+    error_kind,
+    frame_sample,
+    join_predictions,
+    prediction_files,
+    read_predictions,
+)
+from breakhis_ray.metrics import format_mean_std, mean_std_over_folds
 
 log = logging.getLogger(__name__)
 
 ERROR_POLICY = "excluded_from_denominators"
-SUMMED_KEYS = ("confusion_matrix", "n_images", "n_patients", "n_errors")
 PROTOCOL_NOTES = {
     "patient": "patient-disjoint folds: no patient has images in both training and test data",
     "official": "official BreakHis folds (dsfold*.txt): patient-disjoint",
     "image": "image-level split: images of one patient can sit in training and test data, which inflates "
              "accuracy on BreakHis (published image-level results 97-99.5% against 84-92% patient-level)",
 }
-_MANIFEST_COLUMNS = ("path", "label_id", "label", "subtype", "patient_id", "magnification")
-
-
-# ----------------------------------------------------------------------------------------- reading
-def prediction_files(uri: str) -> list[str]:
-    """The Parquet file ``uri``, or every ``*.parquet`` below the directory ``uri`` (sorted)."""
-    if not storage.exists(uri):
-        raise StorageError(f"predictions not found: {uri}")
-    if not storage.is_dir(uri):
-        return [uri]
-    files = [f for f in storage.list_files(uri, [".parquet"])
-             if not posixpath.basename(f).startswith(("_", "."))]
-    if not files:
-        raise DataError(f"no *.parquet prediction file under {uri}")
-    return files
-
-
-def read_predictions(uri: str) -> pd.DataFrame:
-    """All prediction rows of a file or directory; needs columns ``path`` and ``prob_malignant``.
-
-    A missing ``status`` column is derived (``ok`` where a probability exists). ``path`` must be unique.
-    """
-    frames = []
-    for file in prediction_files(uri):
-        try:
-            table = pq.read_table(pa.BufferReader(storage.read_bytes(file)))
-        except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"{file} is not a readable Parquet file: {str(exc).splitlines()[0]}") from None
-        frames.append(table.to_pandas())
-    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    missing = [c for c in ("path", "prob_malignant") if c not in df.columns]
-    if missing:
-        raise DataError(f"{uri} is not a prediction file: missing column(s) {', '.join(missing)}")
-    if "status" not in df.columns:
-        df["status"] = np.where(df["prob_malignant"].notna(), "ok", "error")
-    if "error" not in df.columns:
-        df["error"] = None
-    repeated = df["path"].duplicated()
-    if repeated.any():
-        path = df.loc[repeated, "path"].iloc[0]
-        raise DataError(f"{uri} holds {int(repeated.sum())} repeated path(s), e.g. {path}: "
-                        "predictions need one row per image")
-    return df
-
-
-def _error_kind(row_error: Any, status: Any) -> str:
-    if isinstance(row_error, str) and row_error:
-        return row_error.split(":", 1)[0].strip() or "error"
-    if status == "ok":
-        return "missing_probability"
-    return str(status) if isinstance(status, str) and status else "error"
-
-
-def join_predictions(predictions: pd.DataFrame, manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Predictions restricted to manifest paths, with the manifest's columns; plus join counts.
-
-    Returned columns: the manifest's ``path, label_id, label, subtype, patient_id, magnification`` and the
-    prediction's ``status, error, prob_malignant`` plus ``ok`` (bool: usable probability).
-    """
-    man = manifest.loc[:, list(_MANIFEST_COLUMNS)].drop_duplicates("path")
-    in_manifest = predictions["path"].isin(man["path"])
-    pred = predictions.loc[in_manifest, ["path", "status", "error", "prob_malignant"]
-                           + (["label"] if "label" in predictions.columns else [])]
-    pred = pred.rename(columns={"label": "label_in_prediction"})
-    joined = pred.merge(man, on="path", how="left", validate="one_to_one")
-    disagree = 0
-    if "label_in_prediction" in joined.columns:
-        known = joined["label_in_prediction"].notna()
-        disagree = int((joined.loc[known, "label_in_prediction"] != joined.loc[known, "label"]).sum())
-        joined = joined.drop(columns="label_in_prediction")
-    prob = pd.to_numeric(joined["prob_malignant"], errors="coerce")
-    joined["prob_malignant"] = prob.astype(np.float64)
-    joined["ok"] = (joined["status"] == "ok") & prob.notna() & np.isfinite(prob.fillna(0.0))
-    joined["magnification"] = joined["magnification"].astype(int)
-    joined["label_id"] = joined["label_id"].astype(int)
-    counts = {
-        "predictions": int(len(predictions)),
-        "prediction_errors_total": int((predictions["status"] != "ok").sum()),
-        "not_in_manifest": int((~in_manifest).sum()),
-        "label_disagreements": disagree,
-    }
-    return joined, counts
 
 
 # ---------------------------------------------------------------------------------------- metrics
-def _metrics(rows: pd.DataFrame, threshold: float) -> dict[str, Any]:
-    ok = rows[rows["ok"]]
-    out = compute_metrics(ok["label_id"].to_numpy(), ok["prob_malignant"].to_numpy(),
-                          patient_ids=ok["patient_id"].astype(str).to_numpy(), threshold=threshold)
+def _metrics(rows: pd.DataFrame, threshold: float, options: Mapping[str, int]) -> dict[str, Any]:
+    out = metrics_block(frame_sample(rows), threshold, **options)
     out["n_errors"] = int((~rows["ok"]).sum())
     return out
+
+
+def _by_magnification(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    mags = sorted(set(MAGNIFICATIONS) | {int(m) for m in rows["magnification"].unique()})
+    return {str(m): rows[rows["magnification"] == m] for m in mags}
 
 
 def _per_subtype(rows: pd.DataFrame, threshold: float) -> dict[str, dict[str, Any]]:
@@ -163,21 +99,28 @@ def _per_subtype(rows: pd.DataFrame, threshold: float) -> dict[str, dict[str, An
     return out
 
 
-def evaluate_frame(rows: pd.DataFrame, threshold: float = 0.5) -> dict[str, Any]:
+def evaluate_frame(rows: pd.DataFrame, threshold: float | Threshold = 0.5, *, bins: int = 10,
+                   resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Metrics of joined rows (see :func:`join_predictions`): ``overall``, ``per_magnification``, ``per_subtype``.
 
+    ``threshold``: a locked :class:`~breakhis_ray.evaluation.Threshold` (a plain number: rule ``fixed``);
+    ``overall.threshold`` records it. ``bins``: ECE bins; ``resamples``/``seed``: the patient bootstrap.
     ``per_magnification`` always lists 40/100/200/400 (an empty one has ``n_images`` 0 and ``None`` metrics).
     """
-    mags = sorted(set(MAGNIFICATIONS) | {int(m) for m in rows["magnification"].unique()})
+    if not isinstance(threshold, Threshold):
+        threshold = choose_threshold("fixed", value=float(threshold))
+    value, options = threshold.value, {"bins": bins, "resamples": resamples, "seed": seed}
     errors = rows.loc[~rows["ok"]]
     kinds: dict[str, int] = {}
     for err, status in zip(errors["error"], errors["status"]):
-        kind = _error_kind(err, status)
+        kind = error_kind(err, status)
         kinds[kind] = kinds.get(kind, 0) + 1
+    overall = _metrics(rows, value, options)
+    overall["threshold"] = threshold.as_dict()
     return {
-        "overall": _metrics(rows, threshold),
-        "per_magnification": {str(m): _metrics(rows[rows["magnification"] == m], threshold) for m in mags},
-        "per_subtype": _per_subtype(rows, threshold),
+        "overall": overall,
+        "per_magnification": {m: _metrics(r, value, options) for m, r in _by_magnification(rows).items()},
+        "per_subtype": _per_subtype(rows, value),
         "n_errors": int(len(errors)),
         "errors_by_kind": dict(sorted(kinds.items())),
         "error_examples": [{"path": str(p), "error": None if e is None or e != e else str(e)}
@@ -214,20 +157,6 @@ def aggregate_folds(folds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _fold_means(per_fold: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> dict[str, Any]:
-    """One metrics dict from several folds: means of the rates, sums of the counts."""
-    out: dict[str, Any] = {}
-    keys = list(METRIC_KEYS) + ["n_errors"]
-    for key in keys:
-        if key in SUMMED_KEYS:
-            values = [f.get(key) for f in per_fold if f.get(key) is not None]
-            out[key] = (np.sum(np.asarray(values), axis=0).astype(int).tolist() if values else None)
-        else:
-            entry = summary.get(key)
-            out[key] = entry["mean"] if entry else None
-    return out
-
-
 # ------------------------------------------------------------------------------------------ driver
 def _resolve_folds(cfg: EvaluateConfig, splits: pd.DataFrame | None) -> list[int | None]:
     n_sets = len(cfg.predictions)
@@ -256,10 +185,18 @@ def _resolve_folds(cfg: EvaluateConfig, splits: pd.DataFrame | None) -> list[int
 def evaluate_predictions(
     predictions: pd.DataFrame,
     manifest: pd.DataFrame,
-    threshold: float = 0.5,
+    threshold: float | Threshold = 0.5,
     eval_paths: pd.Series | None = None,
+    **options: int,
 ) -> dict[str, Any]:
-    """Evaluate one prediction set against the manifest (optionally only ``eval_paths``)."""
+    """Evaluate one prediction set against the manifest (optionally only ``eval_paths``) at a locked threshold
+    (``options``: ``bins``, ``resamples``, ``seed`` of :func:`evaluate_frame`)."""
+    return _evaluate_set(predictions, manifest, threshold, eval_paths, **options)[0]
+
+
+def _evaluate_set(predictions: pd.DataFrame, manifest: pd.DataFrame, threshold: float | Threshold,
+                  eval_paths: pd.Series | None, **options: int) -> tuple[dict[str, Any], pd.DataFrame]:
+    """:func:`evaluate_predictions` and the joined rows it evaluated."""
     joined, counts = join_predictions(predictions, manifest)
     if eval_paths is not None:
         wanted = set(eval_paths)
@@ -270,11 +207,91 @@ def evaluate_predictions(
         counts["evaluation_set_size"] = len(wanted)
     else:
         counts["without_prediction"] = int((~manifest["path"].isin(predictions["path"])).sum())
-    result = evaluate_frame(joined.reset_index(drop=True), threshold)
+    joined = joined.reset_index(drop=True)
+    result = evaluate_frame(joined, threshold, **options)
     counts["evaluated"] = int(joined["ok"].sum())
     counts["errors"] = result["n_errors"]
     result["counts"] = counts
-    return result
+    return result, joined
+
+
+def validation_rows(cfg: EvaluateConfig, index: int, fold: int | None, predictions: pd.DataFrame,
+                    manifest: pd.DataFrame, splits: pd.DataFrame | None,
+                    eval_paths: pd.Series | None) -> tuple[pd.DataFrame | None, str | None]:
+    """The joined validation predictions of prediction set ``index`` and where they come from.
+
+    ``val_predictions[index]`` (restricted to the fold's ``val`` split with ``splits``), else with ``splits``
+    the fold's ``val`` rows of ``predictions``; ``(None, None)`` when neither exists. A validation image that
+    is also in the evaluated set is an error (the threshold would see test data).
+    """
+    val_paths = None
+    if splits is not None:
+        val_paths = set(splits.loc[(splits["fold"] == fold) & (splits["split"] == "val"), "path"])
+    if cfg.val_predictions:
+        uri = cfg.val_predictions[index]
+        rows, _ = join_predictions(read_predictions(uri), manifest)
+        where = uri
+        if val_paths is not None:
+            rows = rows[rows["path"].isin(val_paths)]
+            where = f"{uri} (split 'val' of fold {fold})"
+        evaluated = set(eval_paths) if eval_paths is not None else set(predictions["path"])
+        both = rows["path"].isin(evaluated)
+        if both.any():
+            raise DataError(f"{int(both.sum())} image(s) of the validation predictions {uri} are also in the "
+                            f"evaluated set, e.g. {rows.loc[both, 'path'].iloc[0]}: the threshold would see test data")
+        return rows, where
+    if val_paths is None or cfg.split == "val":
+        return None, None
+    rows, _ = join_predictions(predictions, manifest)
+    rows = rows[rows["path"].isin(val_paths)]
+    if rows.empty:
+        return None, None
+    return rows, f"split 'val' of fold {fold}, from the same prediction files"
+
+
+def lock_threshold(cfg: EvaluateConfig, val: pd.DataFrame | None, source: str | None) -> Threshold:
+    """The threshold of ``cfg.threshold.rule`` on the usable validation rows (the fallback without them)."""
+    section = cfg.threshold
+    y = p = None
+    if val is not None:
+        ok = val[val["ok"]]
+        y, p = ok["label_id"].to_numpy(dtype=np.int64), ok["prob_malignant"].to_numpy(dtype=np.float64)
+    chosen = choose_threshold(section.rule, y, p, value=section.value,
+                              target_sensitivity=section.target_sensitivity)
+    log.info("threshold %.4f (%s) from %s", chosen.value, chosen.rule, source or "no validation predictions")
+    return chosen
+
+
+def _threshold_over_folds(per_fold: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``overall.threshold`` of several folds: each fold locked its own; ``value`` is their mean."""
+    chosen = [dict(f["overall"]["threshold"], fold=f["fold"]) for f in per_fold]
+    rules = list(dict.fromkeys(t["rule"] for t in chosen))
+    return {"value": float(np.mean([t["value"] for t in chosen])),
+            "rule": rules[0] if len(rules) == 1 else "; ".join(rules),
+            "requested": chosen[0]["requested"], "fallback": any(t["fallback"] for t in chosen),
+            "value_over_folds": "mean of the folds' thresholds; each fold was scored at its own (per_fold)",
+            "per_fold": chosen}
+
+
+def magnification_mode(setting: str, fold_rows: Sequence[pd.DataFrame]) -> tuple[str | None, str]:
+    """``specific`` (one model per magnification) or ``independent`` (one model for all) and how it is known:
+    the config's ``magnification_mode``, else the predictions' ``classifier_checkpoint`` per magnification."""
+    if setting != "auto":
+        return setting, "set in the evaluate config"
+    if not all("classifier_checkpoint" in r.columns for r in fold_rows):
+        return None, "unknown: the predictions carry no classifier_checkpoint column"
+    independent = specific = True
+    for rows in fold_rows:
+        ok = rows[rows["ok"] & rows["classifier_checkpoint"].notna()]
+        per_mag = ok.groupby("magnification")["classifier_checkpoint"].nunique()
+        independent &= ok["classifier_checkpoint"].nunique() == 1
+        specific &= bool(len(per_mag) > 1 and (per_mag == 1).all()
+                         and ok["classifier_checkpoint"].nunique() == len(per_mag))
+    if independent:
+        return "independent", "one classifier checkpoint scored every magnification"
+    if specific:
+        return "specific", "one classifier checkpoint per magnification"
+    return None, "unknown: the predictions mix classifier checkpoints across magnifications"
 
 
 def _source_note(cfg: EvaluateConfig, protocol: str | None, folds: list[int | None]) -> str:
@@ -321,6 +338,39 @@ def format_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _with_ci(value: Any, interval: Any) -> str:
+    text = _fmt(value)
+    if isinstance(interval, (list, tuple)) and len(interval) == 2 and text != "n/a":
+        text += f" [{interval[0] * 100:.1f}, {interval[1] * 100:.1f}]"
+    return text
+
+
+def _ci_plain(interval: Any) -> str:
+    ok = isinstance(interval, (list, tuple)) and len(interval) == 2
+    return f"[{interval[0]:.4f}, {interval[1]:.4f}]" if ok else ""
+
+
+def format_summary(result: Mapping[str, Any]) -> str:
+    """Threshold, 95% intervals, calibration and patient aggregation of ``overall``, a few lines."""
+    overall, boot = result["overall"], result.get("bootstrap") or {}
+    thr = overall.get("threshold") or {}
+    ci = overall.get("ci95") or {}
+    keys = ("accuracy", "balanced_accuracy", "f1", "roc_auc", "patient_accuracy", "macro_f1")
+    lines = [f"threshold {thr.get('value', float('nan')):.4f} ({thr.get('rule')})",
+             f"overall, % [95% CI: patient bootstrap, {boot.get('resamples')} resamples, seed {boot.get('seed')}]: "
+             + ", ".join(f"{k} {_with_ci(overall.get(k), ci.get(k))}" for k in keys if k in overall)]
+    cal = overall.get("calibration") or {}
+    if cal:
+        num = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "n/a"  # noqa: E731
+        lines.append(f"calibration ({cal.get('bins')} bins): ECE {num(cal.get('ece'))} {_ci_plain(ci.get('ece'))}, "
+                     f"Brier {num(cal.get('brier'))} {_ci_plain(ci.get('brier'))}")
+    agg = overall.get("patient_aggregation") or {}
+    if agg:
+        lines.append("patient diagnosis accuracy, %: " + ", ".join(
+            f"{rule} {_with_ci(v.get('accuracy'), (v.get('ci95') or {}).get('accuracy'))}" for rule, v in agg.items()))
+    return "\n".join(lines)
+
+
 def _json_safe(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _json_safe(v) for k, v in obj.items()}
@@ -347,23 +397,48 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         splits = load_splits(cfg.splits, manifest)
         protocol = splits.attrs.get("protocol")
     folds = _resolve_folds(cfg, splits)
-    per_fold = []
-    for uri, fold in zip(cfg.predictions, folds):
+    if cfg.val_predictions and len(cfg.val_predictions) != len(cfg.predictions):
+        raise ConfigError(f"val_predictions lists {len(cfg.val_predictions)} set(s) for {len(cfg.predictions)} "
+                          "prediction set(s): give one per prediction set")
+    options = {"bins": cfg.calibration.bins, "resamples": cfg.bootstrap.resamples, "seed": cfg.bootstrap.seed}
+    per_fold, fold_rows, thresholds = [], [], []
+    checkpoints: list[str] = []
+    for index, (uri, fold) in enumerate(zip(cfg.predictions, folds)):
         eval_paths = None
         if splits is not None:
             eval_paths = splits.loc[(splits["fold"] == fold) & (splits["split"] == cfg.split), "path"]
-        result = evaluate_predictions(read_predictions(uri), manifest, cfg.threshold, eval_paths)
-        result = {"fold": fold, "predictions": uri, **result}
-        per_fold.append(result)
+        predictions = read_predictions(uri)
+        if "classifier_checkpoint" in predictions.columns:  # where tracking finds the training run
+            checkpoints.extend(predictions["classifier_checkpoint"].dropna().unique().tolist())
+        val, val_source = validation_rows(cfg, index, fold, predictions, manifest, splits, eval_paths)
+        threshold = lock_threshold(cfg, val, val_source)
+        result, rows = _evaluate_set(predictions, manifest, threshold, eval_paths, **options)
+        result["overall"]["threshold"]["source"] = val_source
+        per_fold.append({"fold": fold, "predictions": uri, **result})
+        fold_rows.append(rows)
+        thresholds.append(threshold.value)
 
+    task = "subtype" if all(c in fold_rows[0].columns for c in SUBTYPE_PROB_COLUMNS) else "binary"
+    mode, mode_note = magnification_mode(cfg.magnification_mode, fold_rows)
     out: dict[str, Any] = {
         "positive_class": "malignant",
-        "threshold": cfg.threshold,
+        "threshold": None,
+        "threshold_rule": None,
         "protocol": protocol,
         "protocol_note": PROTOCOL_NOTES.get(protocol or "", "unknown: no splits file given"),
         "evaluation_set": _source_note(cfg, protocol, folds),
+        "task": task,
+        "magnification_mode": mode,
+        "magnification_mode_note": mode_note,
+        "benhammou_protocol": next((name for name, tm in EVALUATION_PROTOCOLS.items() if tm == (task, mode)),
+                                   None),
+        "bootstrap": {"unit": "patient", "resamples": cfg.bootstrap.resamples, "seed": cfg.bootstrap.seed,
+                      "level": CI_LEVEL, "interval": "percentile",
+                      "folds": "patients resampled within each fold; interval of the mean over folds"},
+        "calibration_bins": cfg.calibration.bins,
         "error_policy": ERROR_POLICY,
-        "sources": {"predictions": list(cfg.predictions), "manifest": cfg.manifest, "splits": cfg.splits},
+        "sources": {"predictions": list(cfg.predictions), "val_predictions": cfg.val_predictions,
+                    "manifest": cfg.manifest, "splits": cfg.splits},
         "n_folds": len(per_fold),
     }
     if len(per_fold) == 1:
@@ -371,12 +446,17 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         out.update({k: v for k, v in only.items() if k not in ("predictions",)})
     else:
         summary = aggregate_folds(per_fold)
-        out["aggregation"] = "mean over folds (confusion_matrix, n_images, n_patients, n_errors: sums)"
-        out["overall"] = _fold_means([f["overall"] for f in per_fold], summary["overall"])
+        out["aggregation"] = ("mean over folds (confusion matrices and counts: sums; ci95: interval of the mean "
+                              "over folds)")
+        out["overall"] = fold_mean_block([f["overall"] for f in per_fold], [frame_sample(r) for r in fold_rows],
+                                         thresholds, **options)
+        out["overall"]["threshold"] = _threshold_over_folds(per_fold)
+        mags = list(dict.fromkeys(m for f in per_fold for m in f["per_magnification"]))
         out["per_magnification"] = {
-            mag: _fold_means([f["per_magnification"][mag] for f in per_fold if mag in f["per_magnification"]],
-                             stats)
-            for mag, stats in summary["per_magnification"].items()
+            mag: fold_mean_block([f["per_magnification"][mag] for f in per_fold if mag in f["per_magnification"]],
+                                 [frame_sample(_by_magnification(r).get(mag, r.iloc[:0])) for r in fold_rows],
+                                 thresholds, **options)
+            for mag in sorted(mags, key=int)
         }
         out["per_subtype"] = {
             s: {"label": next(f["per_subtype"][s]["label"] for f in per_fold if s in f["per_subtype"]),
@@ -391,11 +471,17 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         out["errors_by_kind"] = dict(sorted(kinds.items()))
         out["mean_std"] = summary
         out["folds"] = per_fold
+    out["threshold"] = out["overall"]["threshold"]["value"]
+    out["threshold_rule"] = out["overall"]["threshold"]["rule"]
     out = _json_safe(out)
     write_text_atomic(cfg.out, json.dumps(out, indent=2, allow_nan=False))
     write_provenance_beside(cfg.out, cfg)
     _log_summary(out, per_fold, protocol)
     log.info("wrote %s", cfg.out)
+    if cfg.tracking.mlflow_uri:
+        from breakhis_ray.tracking import log_evaluation
+
+        log_evaluation(cfg.tracking, cfg.out, out, list(dict.fromkeys(checkpoints)))
     return out
 
 
@@ -416,16 +502,23 @@ def _log_summary(out: Mapping[str, Any], per_fold: Sequence[Mapping[str, Any]], 
     if protocol == "image":
         log.warning("%s", PROTOCOL_NOTES["image"])
     log.info("%s", format_table(out))
+    log.info("%s", format_summary(out))
 
 
 __all__ = [
     "ERROR_POLICY",
+    "SUBTYPE_PROB_COLUMNS",
     "aggregate_folds",
     "evaluate_frame",
     "evaluate_predictions",
+    "format_summary",
     "format_table",
+    "frame_sample",
     "join_predictions",
+    "lock_threshold",
+    "magnification_mode",
     "prediction_files",
     "read_predictions",
     "run_evaluate",
+    "validation_rows",
 ]

@@ -139,13 +139,20 @@ def inverse_frequency_weights(class_counts: Sequence[int | float]) -> list[float
 def create_loss(
     name: str,
     class_counts: Sequence[int | float] | None = None,
-    alpha: float | Sequence[float] | None = None,
+    alpha: float | Sequence[float] | str | None = None,
     gamma: float = 2.0,
     label_smoothing: float = 0.0,
+    num_classes: int | None = None,
 ) -> nn.Module:
     """Loss module by name: ``ce``, ``weighted_ce`` (inverse-frequency weights from ``class_counts``)
     or ``focal`` (``alpha``, ``gamma``). ``label_smoothing`` applies to the cross-entropy losses only.
+
+    Focal ``alpha="balanced"`` takes the inverse-frequency weights of ``class_counts`` as per-class alpha (the
+    class-balanced focal loss, any number of classes). ``num_classes``, when given, is checked against
+    ``class_counts`` and a per-class ``alpha``.
     """
+    if class_counts is not None and num_classes is not None and len(class_counts) != num_classes:
+        raise ConfigError(f"class_counts has {len(class_counts)} counts for {num_classes} classes")
     if name not in LOSS_NAMES:
         raise ConfigError(f"unknown loss {name!r}; valid: {', '.join(LOSS_NAMES)}")
     try:
@@ -163,7 +170,14 @@ def create_loss(
         return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
     if label_smoothing:
         raise ConfigError("label_smoothing is supported by the 'ce' and 'weighted_ce' losses only, not 'focal'")
-    num_classes = len(class_counts) if class_counts is not None else None
+    if num_classes is None and class_counts is not None:
+        num_classes = len(class_counts)
+    if isinstance(alpha, str):
+        if alpha != "balanced":
+            raise ConfigError(f"focal alpha must be a number, a list of weights, 'balanced' or null, got {alpha!r}")
+        if class_counts is None:
+            raise ConfigError("focal alpha 'balanced' needs class_counts (images per class in the training split)")
+        alpha = inverse_frequency_weights(class_counts)
     return FocalLoss(alpha=alpha, gamma=gamma, num_classes=num_classes)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 from breakhis_ray.config import RayConfig
-from breakhis_ray.storage import credential_env
 
 
 def ensure_ray(cfg: RayConfig | None = None) -> None:
@@ -13,8 +12,9 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
 
     Precedence: an already-initialised Ray (e.g. inside ``ray job submit`` or a test session) is reused;
     else ``cfg.address``; else ``RAY_ADDRESS``; else a new local instance with ``cfg.num_cpus``.
-    Object-storage credentials from the environment are forwarded to workers on other nodes through
-    ``runtime_env.env_vars`` (values are never logged).
+    No runtime env is set here: object-storage credentials reach workers through their node's environment
+    (a local instance inherits this process's), never through a ``runtime_env``, which Ray shows on its
+    dashboard and job API and writes to its logs.
     """
     import ray
 
@@ -23,9 +23,6 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     kwargs: dict = {"configure_logging": True, "logging_level": "WARNING"}
-    env_vars = credential_env()
-    if env_vars:
-        kwargs["runtime_env"] = {"env_vars": env_vars}
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -97,6 +97,8 @@ class LocalS3Server:
         weed: str | None = None,
         s3_port: int | None = None,
         region: str = "us-east-1",
+        access_key: str | None = None,
+        secret_key: str | None = None,
         startup_timeout: float = 60.0,
         stop_timeout: float = 15.0,
     ) -> None:
@@ -105,8 +107,9 @@ class LocalS3Server:
         self.bucket = bucket
         self.region = region
         self.weed = weed or find_weed()
-        self.access_key = "BR" + secrets.token_hex(8).upper()
-        self.secret_key = secrets.token_urlsafe(30)
+        # random unless given (a test may plant a recognisable secret and then search for it)
+        self.access_key = access_key or "BR" + secrets.token_hex(8).upper()
+        self.secret_key = secret_key or secrets.token_urlsafe(30)
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self._s3_port_request = s3_port

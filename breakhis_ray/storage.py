@@ -1,7 +1,11 @@
 """URIs -> filesystems. Local paths, ``file://`` and ``s3://`` (AWS, MinIO, SeaweedFS, GCS interop).
 
-Endpoint and credentials come only from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, ``AWS_REGION``); this module never logs them.
+Endpoint and credentials come only from the environment of the process that reads (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, ``AWS_REGION``) or the
+SDK's default chain (instance profile, IRSA); this module never logs them. Ray workers get them from their node's
+environment (whatever started Ray on that node: a shell, an instance profile, a Kubernetes Secret via ``envFrom``):
+nothing here forwards them through a Ray ``runtime_env``, which Ray shows on its dashboard and job API and writes
+to its logs.
 """
 
 from __future__ import annotations
@@ -14,18 +18,6 @@ from typing import Iterable
 import pyarrow.fs as pafs
 
 from breakhis_ray.errors import StorageError
-
-CREDENTIAL_ENV_VARS = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_PROFILE",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-)
-
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
@@ -190,8 +182,3 @@ def delete_dir(uri: str) -> None:
         return
     except OSError as exc:
         raise _wrap(uri, "delete", exc) from None
-
-
-def credential_env() -> dict[str, str]:
-    """Credential/endpoint variables to forward to Ray workers on other nodes (``runtime_env.env_vars``)."""
-    return {k: os.environ[k] for k in CREDENTIAL_ENV_VARS if os.environ.get(k)}

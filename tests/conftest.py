@@ -51,8 +51,13 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """A private local Ray instance (never joins or stops anyone else's cluster)."""
+def ray_session(s3_server):
+    """A private local Ray instance (never joins or stops anyone else's cluster).
+
+    Started after the session's S3 server, so its node environment (inherited by every Ray worker) carries the
+    object-storage settings, the way a cluster node's environment carries its credentials: the library never
+    forwards credentials through a Ray ``runtime_env``.
+    """
     import ray
 
     if ray.is_initialized():
@@ -130,3 +135,15 @@ def tiny_breakhis(tmp_path_factory, ray_session) -> dict:
     run_prepare(load_config(PrepareConfig, None, [], {"root": str(manifest), "out": str(prepared),
                                                       "splits": str(splits), "enhance.enabled": True}))
     return {"root": root, "synthetic": synth, "manifest": manifest, "splits": splits, "prepared": prepared}
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tiny_breakhis, tmp_path_factory) -> dict:
+    """One two-worker run of the tiny config (tests/trainruns.py), uninterrupted: the reference of the
+    determinism and exact-resume tests. Its summary plus ``storage`` (where sibling runs may go)."""
+    from trainruns import tiny_cfg
+
+    from breakhis_ray.train import run_train
+
+    storage = tmp_path_factory.mktemp("train-reference")
+    return {**run_train(tiny_cfg(tiny_breakhis, storage, "run.name=uninterrupted")), "storage": storage}

@@ -10,16 +10,24 @@ instances on the machine (other users' included) are left alone. ``ray stop`` is
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
+import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 TAG_VAR = "BREAKHIS_TEST_CLUSTER"
 VENV_BIN = str(Path(sys.executable).parent)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def new_tag() -> str:
@@ -99,3 +107,86 @@ def upload_dir(local: Path, uri: str) -> None:
 
     fs, path = storage.resolve(uri)
     pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+# ------------------------------------------------------------------------------------- a `ray start` head
+class RayHead:
+    """One ``ray start --head`` cluster started by a test: its address, client environment, timings."""
+
+    def __init__(self, tag: str, temp_dir: str, token: str, dashboard_port: int):
+        self.tag, self.temp_dir, self.token = tag, temp_dir, token
+        self.address = f"http://127.0.0.1:{dashboard_port}"
+        self.timings: dict[str, float] = {}
+
+    def client_env(self, token: str | None = None, **extra: str) -> dict[str, str]:
+        return cluster_env(self.tag, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token or self.token, **extra)
+
+    def ray(self, *args: str, timeout: float = 300, token: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(["ray", *args], cwd=REPO, env=self.client_env(token), capture_output=True,
+                              text=True, timeout=timeout)
+
+    def submit(self, argv: list[str], timeout: float = 420, env: dict[str, str] | None = None) -> dict:
+        """Run ``argv`` (a full ``ray job submit ...`` command; ``env``: extra client environment), then read
+        the job's final status and logs; the result also holds the submission id and the client's output."""
+        assert argv[:3] == ["ray", "job", "submit"] and "--submission-id" not in argv
+        sid = f"brtest-{secrets.token_hex(4)}"
+        start = time.perf_counter()
+        proc = subprocess.run([*argv[:3], "--submission-id", sid, *argv[3:]], cwd=REPO,
+                              env=self.client_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
+        seconds = time.perf_counter() - start
+        info = self.job_info(sid)
+        logs = self.ray("job", "logs", "--address", self.address, sid, timeout=60).stdout
+        return {"rc": proc.returncode, "status": info.get("status"), "message": info.get("message"),
+                "seconds": seconds, "logs": logs, "output": proc.stdout[-4000:] + proc.stderr[-4000:],
+                "submission_id": sid, "client_output": proc.stdout + proc.stderr}
+
+    def api(self, path: str) -> str:
+        """The dashboard's answer to ``GET <path>`` (bearer token), as text."""
+        request = urllib.request.Request(f"{self.address}{path}", headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.read().decode("utf-8", errors="replace")
+
+    def job_info(self, submission_id: str) -> dict:
+        """The job's record from the job REST API (``GET /api/jobs/<id>``, bearer token)."""
+        return json.loads(self.api(f"/api/jobs/{submission_id}"))
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int = 2, **env: str) -> Iterator[RayHead]:
+    """``ray start --head`` with token authentication (a random token, never ``~/.ray/auth_token``), the dashboard
+    and job API on 127.0.0.1, a unique ``--temp-dir``, the venv first on ``PATH`` and ``env`` added to the
+    head's environment (what its Ray workers and job drivers inherit: the node's environment). On exit, exactly
+    this head's processes are stopped (tagged environment, or the temp dir in their command line)."""
+    from ray._private.services import get_node_ip_address
+
+    tag, token = new_tag(), secrets.token_hex(32)
+    temp_dir = tempfile.mkdtemp(prefix="brjob-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    gcs_port, dashboard_port = free_port(), free_port()
+    head = RayHead(tag, temp_dir, token, dashboard_port)
+    # RAY_ADDRESS in the head's environment: Ray Train's helper actors then find this cluster, not another one
+    # on the same machine.
+    head_env = cluster_env(tag, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+                           RAY_ADDRESS=f"{get_node_ip_address()}:{gcs_port}", **env)
+    cmd = ["ray", "start", "--head", f"--temp-dir={temp_dir}", f"--port={gcs_port}",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+           f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+           f"--num-cpus={num_cpus}", "--disable-usage-stats"]
+    try:
+        start = time.perf_counter()
+        started = subprocess.run(cmd, cwd=REPO, env=head_env, capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, f"ray start failed:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}"
+        head.timings["ray_start_s"] = time.perf_counter() - start
+        deadline = time.monotonic() + 90
+        while True:  # the job API answers once the dashboard is up
+            listed = head.ray("job", "list", "--address", head.address, timeout=60)
+            if listed.returncode == 0:
+                break
+            assert time.monotonic() < deadline, f"job API did not answer:\n{listed.stderr[-3000:]}"
+            time.sleep(1.0)
+        head.timings["job_api_ready_s"] = time.perf_counter() - start
+        yield head
+    finally:
+        stop_tagged(tag, cmdline_marker=temp_dir)
+        leftover = tagged_pids(tag, cmdline_marker=temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not leftover, f"processes of the test's Ray head survived the cleanup: {leftover}"

@@ -9,8 +9,10 @@ they must spread over the worker nodes, and the remaining CPU per node runs the 
 remainder is a whole CPU on purpose: Ray Data 2.60's autoscaling coordinator hands out leftover CPUs per node
 with a floor division, so a fractional remainder such as 0.25 gives Ray Data no CPU at all once Ray Train has
 reserved its share, and a restarted run then starves waiting for its augmentation tasks.) The driver
-connects through the library's own ``ensure_ray`` (``RAY_ADDRESS``), which forwards the object-storage
-credentials to workers on every node, and runs the library's ``run_train`` / ``run_infer`` unchanged.
+connects through the library's own ``ensure_ray`` (``RAY_ADDRESS``) and runs the library's ``run_train`` /
+``run_infer`` unchanged. Object-storage credentials reach workers on every node through the node's environment:
+the nodes are started by this process, whose environment holds the S3 server's settings (nothing is forwarded in
+a runtime env).
 
 While the run works in a thread, the main thread waits until it has put its first result in shared storage
 (a checkpoint in S3; a prediction part), then kills one worker node outright

@@ -159,7 +159,9 @@ def test_job_entry_point_is_main_over_its_subcommand(path, monkeypatch, capsys, 
 def test_job_main_runs_the_command(monkeypatch, fake_stage, capsys):
     job = _load_job(JOBS / "evaluate.py", monkeypatch)
     assert job.main(["--predictions", "p", "--manifest", "m", "--out", "o", "threshold=0.3"]) == 0
-    assert isinstance(fake_stage["cfg"], config_module.EvaluateConfig) and fake_stage["cfg"].threshold == 0.3
+    cfg = fake_stage["cfg"]
+    assert isinstance(cfg, config_module.EvaluateConfig)
+    assert (cfg.threshold.rule, cfg.threshold.value) == ("fixed", 0.3)  # a bare number: a fixed threshold
 
 
 def test_config_error_type_is_a_breakhis_error():

@@ -186,12 +186,14 @@ def test_unconvertible_mode_is_unsupported_mode(monkeypatch):
 
 def test_fast_png_hook_is_used_and_its_failures_fall_back(monkeypatch):
     good = corpus()["rgb.png"][0]
+    assert decode.resolve_backend() != "pil"  # a fast backend is a dependency (pyproject.toml)
     marker = np.full((H, W, 3), 7, np.uint8)
-    monkeypatch.setattr(decode, "_decode_png_fast", lambda data: marker)
+    monkeypatch.setattr(decode, "_decode_png_fast", lambda data, backend: marker)
     np.testing.assert_array_equal(decode_rgb(good), marker)
     assert try_decode(corpus()["grey.png"][0]).converted_from == "L"  # only 8-bit RGB PNGs reach the hook
+    np.testing.assert_array_equal(decode_rgb(good, backend="pil"), _rgb())  # pil: the hook is never asked
 
-    def broken(data):
+    def broken(data, backend):
         raise RuntimeError("backend failure")
 
     monkeypatch.setattr(decode, "_decode_png_fast", broken)
@@ -210,6 +212,160 @@ def test_non_bytes_and_labels():
     np.testing.assert_array_equal(got, ids)
     with pytest.raises(ImageRejected):
         decode_labels(b"not a mask")
+
+
+# ------------------------------------------------------------------------------------- PNG backends
+def _adam7_png(rgb: np.ndarray) -> bytes:
+    """An interlaced (Adam7) 8-bit RGB PNG, written by hand (PIL only writes non-interlaced PNGs)."""
+    height, width = rgb.shape[:2]
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+    raw = b""
+    for x0, y0, dx, dy in passes:
+        sub = rgb[y0::dy, x0::dx]
+        if sub.size:
+            raw += b"".join(b"\x00" + row.tobytes() for row in sub)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 1)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
+
+
+def _with_chunk(png: bytes, kind: bytes, data: bytes) -> bytes:
+    """``png`` with one more chunk right after IHDR (8-byte signature + 25-byte IHDR chunk)."""
+    return png[:33] + _chunk(kind, data) + png[33:]
+
+
+def _flip_byte(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x5A]) + data[at + 1:]
+
+
+def _stored_png(rgb: np.ndarray, damage: str) -> bytes:
+    """8-bit RGB PNG whose chunk CRCs are all valid but whose zlib stream is damaged: ``adler`` (a wrong
+    Adler-32), ``pixel`` (one stored pixel byte changed: the Adler-32 no longer matches) or ``none``."""
+    height, width = rgb.shape[:2]
+    stream = bytearray(zlib.compress(b"".join(b"\x00" + row.tobytes() for row in rgb), 0))
+    if damage == "adler":
+        stream[-1] ^= 0x01
+    elif damage == "pixel":
+        stream[40] ^= 0x10
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", bytes(stream)) + _chunk(b"IEND", b"")
+
+
+def backend_corpus() -> dict[str, bytes]:
+    """Every kind of PNG a backend could get wrong (besides :func:`corpus`): interlaced, colour-key
+    transparency, EXIF orientation, gamma, damaged data (with and without valid chunk CRCs), larger images
+    with several IDAT chunks."""
+    rgb = _rgb(5)
+    good = _encode(Image.fromarray(rgb))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW": PIL does not apply it, so neither may a backend
+    big = np.random.default_rng(9).integers(0, 256, (300, 410, 3), dtype=np.uint8)
+    big_png = _encode(Image.fromarray(big), compress_level=1)
+    items = {name: data for name, (data, _, _) in corpus().items() if name.endswith(".png")}
+    idat = good.index(b"IDAT")
+    items.update({
+        "adam7.png": _adam7_png(rgb),
+        "rgb_trns.png": _encode(Image.fromarray(rgb), transparency=tuple(int(v) for v in rgb[0, 0])),
+        "rgb_exif_rotated.png": _encode(Image.fromarray(rgb), exif=exif),
+        "rgb_gamma.png": _with_chunk(good, b"gAMA", struct.pack(">I", 45455)),
+        "rgb_srgb_iccp.png": _with_chunk(good, b"sRGB", b"\x00"),
+        "rgb_big_many_idat.png": big_png,
+        "rgb_no_iend.png": good[:-12],
+        "rgb_cut_in_idat.png": good[: idat + 30],
+        "rgb_cut_big.png": big_png[: len(big_png) * 2 // 3],
+        "rgb_bad_idat_crc.png": _flip_byte(good, good.index(b"IEND") - 5),
+        "rgb_flipped_deflate.png": _flip_byte(good, idat + 20),
+        "rgb_flipped_late.png": _flip_byte(big_png, len(big_png) // 2),
+        "rgb_bad_ihdr_crc.png": _flip_byte(good, 29),
+        "rgb_trailing_junk.png": good + b"junk after IEND" * 3,
+        "rgb_stored.png": _stored_png(rgb, "none"),
+        "rgb_bad_adler.png": _stored_png(rgb, "adler"),
+        "rgb_pixel_flipped_crc_ok.png": _stored_png(rgb, "pixel"),
+    })
+    return items
+
+
+@pytest.mark.parametrize("backend", decode.FAST_BACKENDS)
+def test_every_backend_gives_pils_pixels_or_declines(backend):
+    """Each fast backend, on every PNG: the same decision, reason, conversion and pixels as PIL alone; and its
+    own output is either PIL's uint8 RGB exactly or nothing (PIL then decides)."""
+    if backend not in decode.available_backends():
+        from conftest import skip_or_fail
+
+        skip_or_fail(f"decode backend {backend} is not installed (pip install {decode.BACKEND_PACKAGES[backend]})")
+    used = 0
+    for name, data in backend_corpus().items():
+        reference = try_decode(data, backend="pil")
+        got = try_decode(data, backend=backend)
+        assert (got.ok, got.reason, got.converted_from, got.format) == (
+            reference.ok, reference.reason, reference.converted_from, reference.format), (backend, name, got.detail)
+        if reference.ok:
+            np.testing.assert_array_equal(got.pixels, reference.pixels, err_msg=f"{backend} {name}")
+        try:
+            own = decode._decode_png_fast(data, backend)
+        except Exception:  # noqa: BLE001 - a failure is a decline
+            own = None
+        if own is not None:
+            used += 1
+            assert reference.ok and reference.converted_from is None, (backend, name)
+            assert own.dtype == np.uint8 and own.shape == reference.pixels.shape, (backend, name)
+            np.testing.assert_array_equal(own, reference.pixels, err_msg=f"{backend} {name} (own output)")
+    for name in ("rgb.png", "adam7.png", "rgb_big_many_idat.png", "rgb_exif_rotated.png", "rgb_gamma.png"):
+        assert decode._decode_png_fast(backend_corpus()[name], backend) is not None, (backend, name)
+    assert used >= 5
+
+
+def test_backend_choice_config_and_environment(monkeypatch):
+    from breakhis_ray.config import DecodeSection, InferConfig, PrepareConfig
+    from breakhis_ray.config.common import DECODE_BACKENDS
+    from breakhis_ray.errors import ConfigError
+
+    assert set(DECODE_BACKENDS) == {"auto", "pil", *decode.FAST_BACKENDS}
+    assert DecodeSection.model_fields["backend"].annotation.__args__ == DECODE_BACKENDS
+    installed = decode.available_backends()
+    monkeypatch.delenv(decode.BACKEND_ENV, raising=False)
+    assert decode.resolve_backend() == decode.resolve_backend("auto") == next(
+        n for n in [*decode.FAST_BACKENDS, "pil"] if n in installed)
+    monkeypatch.setenv(decode.BACKEND_ENV, "pil")
+    assert decode.resolve_backend() == "pil" and decode.resolve_backend(installed[-1]) == installed[-1]
+    monkeypatch.setenv(decode.BACKEND_ENV, "webp")
+    with pytest.raises(ConfigError, match="unknown decode backend 'webp'"):
+        decode_rgb(corpus()["rgb.png"][0])
+    assert PrepareConfig(root="r", out="o", decode={"backend": "pil"}).decode.backend == "pil"
+    with pytest.raises(ConfigError, match="decode.backend"):
+        from breakhis_ray.config import load_config
+
+        load_config(InferConfig, None, ["input=i", "out=o", "classifier=c", "decode.backend=libpng"])
+
+
+def test_every_stage_passes_its_backend_to_the_decoder(tmp_path):
+    """prepare, training and infer hand ``decode.backend`` to the decoder (a name it rejects reaches it)."""
+    from breakhis_ray import storage
+    from breakhis_ray.data.pipeline import DecodeBatch
+    from breakhis_ray.data.shards import _process_row
+    from breakhis_ray.data.transforms import PreprocessSpec
+    from breakhis_ray.errors import ConfigError
+    from breakhis_ray.inference.decode_stage import read_and_decode
+
+    path = tmp_path / "a.png"
+    path.write_bytes(corpus()["rgb.png"][0])
+    batch = {"image": np.array([path.read_bytes()], dtype=object), "path": np.array([str(path)], dtype=object),
+             "label_id": np.array([0]), "magnification": np.array([40])}
+    spec = PreprocessSpec(size=(H, W)).to_dict()
+    for backend in ("pil", decode.resolve_backend()):
+        np.testing.assert_array_equal(DecodeBatch(spec, backend=backend)(batch)["image"][0], _rgb())
+        got = read_and_decode({"path": batch["path"]}, spec, None, io_threads=1, backend=backend)
+        np.testing.assert_array_equal(got["_image"][0], _rgb())
+    row = {"source_path": str(path), "width": None, "height": None}
+    fs = storage.resolve(str(path))[0]
+    ctx = {"max_pixels": DEFAULT_MAX_PIXELS, "expected_size": None, "resize": None, "image_format": "png",
+           "quality": 95, "enhance_seed": 0}
+    with pytest.raises(ConfigError, match="nope"):
+        DecodeBatch(spec, backend="nope")(batch)
+    with pytest.raises(ConfigError, match="nope"):
+        read_and_decode({"path": batch["path"]}, spec, None, io_threads=1, backend="nope")
+    with pytest.raises(ConfigError, match="nope"):
+        _process_row(fs, row, {**ctx, "decode_backend": "nope"})
+    assert _process_row(fs, row, {**ctx, "decode_backend": "pil"})["converted_from"] is None
 
 
 # ----------------------------------------------------------------------- one corpus, three stages

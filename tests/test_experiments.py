@@ -154,7 +154,7 @@ def grid(tiny_breakhis, tmp_path_factory):
     from breakhis_ray.experiments import run_experiments
 
     out = tmp_path_factory.mktemp("grid") / "out"
-    cfg = _grid_cfg(tiny_breakhis, out)
+    cfg = _grid_cfg(tiny_breakhis, out, "tracking.mlflow_uri=local")  # MLflow store under out (child runs)
     return {"cfg": cfg, "out": out, "summary": run_experiments(cfg)}
 
 
@@ -206,6 +206,24 @@ def test_small_grid_runs_through_tune_and_writes_both_protocols(grid):
     for protocol in ("patient", "image"):
         after = distribution[protocol]["fold1"]["tables"]["tab2_train"]
         assert all(after[m]["Benign"] == after[m]["Malignant"] for m in ("40X", "100X", "200X", "400X"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_grid_trials_are_child_runs_of_one_mlflow_parent(grid):
+    from mlflow import MlflowClient
+
+    out = grid["out"]
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("breakhis-ray").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert sorted(r.info.run_name for r in children) == sorted(grid["summary"]["ran"])  # one child per trial
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_balanced_accuracy")] == [1, 2]
+        assert 0.0 <= child.data.metrics["test_accuracy"] <= 1.0  # the trial's test scores, logged by the trial
 
 
 @pytest.mark.ray

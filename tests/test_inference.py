@@ -154,6 +154,7 @@ def test_schema_is_pinned():
         ("std_nuclear_area_px", "float"),
         ("mean_hematoxylin", "float"),
         ("mask_uri", "string"),
+        ("heatmap_uri", "string"),
         ("classifier_checkpoint", "string"),
         ("segmenter_checkpoint", "string"),
         ("run_id", "string"),
@@ -323,7 +324,9 @@ def test_job_matches_plain_loop(full_run, tree, checkpoints):
 
 
 @pytest.mark.ray
-def test_kill_and_resume_gives_the_same_rows(full_run, tree, checkpoints, tmp_path):
+def test_stop_after_max_chunks_and_resume_gives_the_same_rows(full_run, tree, checkpoints, tmp_path):
+    """A clean stop (``max_chunks``), a leftover temp file and a lost part: the re-run fills exactly the gaps.
+    (A real SIGKILL mid-run: :func:`test_sigkill_mid_run_then_rerun_gives_an_uninterrupted_runs_rows`.)"""
     from breakhis_ray.inference import read_predictions, run_infer
 
     _, _, reference = full_run
@@ -353,6 +356,117 @@ def test_kill_and_resume_gives_the_same_rows(full_run, tree, checkpoints, tmp_pa
     # other settings in the same --out are refused instead of mixed
     with pytest.raises(ConfigError, match="already holds predictions"):
         run_infer(cfg.model_copy(update={"chunk_size": 5}))
+
+
+def _rows_by_path(out: str, root: str) -> dict[str, dict]:
+    """Every row of ``out``'s predictions by input path relative to ``root``, all columns but the run's id and
+    timestamp; ``mask_uri`` relative to ``out``, plus the mask file's bytes."""
+    from breakhis_ray.inference import read_predictions
+
+    rows = {}
+    for row in sorted(read_predictions(out).to_pylist(), key=lambda r: r["path"]):
+        rel = row.pop("path")[len(root.rstrip("/")) + 1:]
+        assert rel not in rows, f"duplicate row for {rel}"
+        row.pop("run_id"), row.pop("processed_at")
+        mask = row.pop("mask_uri")
+        if mask is not None:
+            assert mask.startswith(out.rstrip("/") + "/"), mask
+            row["mask"] = (mask[len(out.rstrip("/")) + 1:], Path(mask).read_bytes())
+        rows[rel] = row
+    return rows
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_gives_an_uninterrupted_runs_rows(ray_session, checkpoints, tree, tmp_path):
+    """``python -m breakhis_ray.cli infer`` in a subprocess, with its own local Ray, gets SIGKILL (its whole
+    process group and every Ray process it started) once its first part is written and before its last; the
+    re-run in the same ``out`` completes, and the rows equal an uninterrupted run's, values and masks included.
+
+    The killed run's Ray processes carry a tag in their environment and use a private temp dir
+    (``tests/localcluster.py``); only they are signalled, ``ray stop`` never runs.
+    """
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from localcluster import cluster_env, new_tag, stop_tagged, tagged_pids
+
+    from breakhis_ray import cli
+    from breakhis_ray.inference import run_infer
+
+    # The test tree's 13 inputs (good and bad) plus 27 more tiles, one chunk each: 40 parts to write, so the
+    # run is still writing when its first part appears.
+    images = tmp_path / "images"
+    shutil.copytree(tree, images)
+    rng = np.random.default_rng(1)
+    for i in range(27):
+        (images / "more" / f"tile_{i:02d}.png").parent.mkdir(exist_ok=True)
+        (images / "more" / f"tile_{i:02d}.png").write_bytes(_encode(_tissue(rng, 56 + i % 5, 72)))
+    n_inputs = len(EXPECTED) + 27
+    settings = {"input": str(images), "classifier": checkpoints["classifier"], "segmenter": checkpoints["unet"],
+                "write_masks": True, "max_pixels": MAX_PIXELS, "chunk_size": 1, "batch_size": 1,
+                "decode_batch_size": 1, "decode_num_cpus": 0.5, "num_cpus": 0.5, "concurrency": 1}
+    reference_out = str(tmp_path / "uninterrupted")
+    reference = run_infer(load_config(InferConfig, None, [], {**settings, "out": reference_out}))
+    assert reference["complete"] and reference["chunks"] == n_inputs
+
+    out = tmp_path / "killed"
+    overrides = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in {**settings, "out": out}.items()]
+    tag, ray_tmp = new_tag(), tempfile.mkdtemp(prefix="brkill-", dir="/tmp")  # short: Ray's socket paths
+    log_path = tmp_path / "killed-run.log"
+    try:
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "breakhis_ray.cli", "infer", *overrides, "ray.num_cpus=2",
+                 "ray.dashboard=false"],
+                cwd=str(Path(__file__).resolve().parents[1]), env=cluster_env(tag, RAY_TMPDIR=ray_tmp),
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            parts: list[Path] = []
+            while not parts:  # the per-test timeout bounds this wait
+                if proc.poll() is not None:
+                    pytest.fail(f"infer exited ({proc.returncode}) before writing a part:\n"
+                                f"{log_path.read_text(errors='replace')[-4000:]}")
+                time.sleep(0.01)
+                parts = sorted((out / "predictions").glob("part-*.parquet"))
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and its process group ...
+            for pid in tagged_pids(tag, cmdline_marker=ray_tmp):  # ... and every Ray process it started
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait()
+    finally:
+        stop_tagged(tag, cmdline_marker=ray_tmp)
+        leftover = tagged_pids(tag, cmdline_marker=ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not leftover, f"processes of the killed run survived: {leftover}"
+    assert proc.returncode == -signal.SIGKILL
+    survived = sorted((out / "predictions").glob("part-*.parquet"))
+    assert 1 <= len(survived) < n_inputs, f"killed after {len(survived)} of {n_inputs} parts"
+    print(f"[infer-kill] SIGKILL after {len(survived)} of {n_inputs} parts were written")
+    assert not (out / "summary.json").exists()  # it never finished
+    for part in survived:  # a kill leaves whole parts only (at most a hidden temp file besides them)
+        assert pq.read_table(part).num_rows == 1
+
+    # The re-run, through the same CLI, in the same out: only the missing chunks, then every row once.
+    assert cli.main(["infer", *overrides]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["chunks_skipped"] == len(survived)
+    assert summary["chunks_written"] == n_inputs - len(survived) and summary["processed"] == n_inputs - len(survived)
+    got, want = _rows_by_path(str(out), str(images)), _rows_by_path(reference_out, str(images))
+    assert len(want) == n_inputs and sorted(got) == sorted(want)
+    assert {rel: want[rel]["status"] for rel in EXPECTED} == EXPECTED
+    for rel, row in want.items():
+        for col, value in row.items():
+            if isinstance(value, float):
+                assert got[rel][col] == pytest.approx(value, abs=1e-6), (rel, col)
+            else:
+                assert got[rel][col] == value, (rel, col)
 
 
 @pytest.mark.ray

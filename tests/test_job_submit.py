@@ -1,6 +1,6 @@
 """``ray job submit`` against a real ``ray start --head`` cluster, started and stopped by the test.
 
-The head runs with token authentication on (``RAY_AUTH_MODE=token`` with a random token for this module, never
+The head (``tests/localcluster.py``'s ``ray_head``) runs with token authentication on (``RAY_AUTH_MODE=token`` with a random token for this module, never
 ``~/.ray/auth_token``), binds the dashboard/job API to 127.0.0.1, and uses a unique ``--temp-dir``. Object-storage
 credentials reach it through its environment, as IAM roles reach real nodes; nothing secret goes into a runtime
 env or a file. The venv's ``bin`` is first on its ``PATH``, so a job's ``python`` is the venv's.
@@ -23,15 +23,13 @@ import re
 import secrets
 import shlex
 import shutil
-import subprocess
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from localcluster import cluster_env, free_port, new_tag, stop_tagged, tagged_pids, upload_dir
+from localcluster import ray_head as start_ray_head
+from localcluster import upload_dir
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "cluster" / "README.md"
@@ -39,77 +37,12 @@ README = REPO / "cluster" / "README.md"
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
 
-class RayHead:
-    """One ``ray start --head`` cluster: its address, client environment, and timings."""
-
-    def __init__(self, tag: str, temp_dir: str, token: str, dashboard_port: int):
-        self.tag, self.temp_dir, self.token = tag, temp_dir, token
-        self.address = f"http://127.0.0.1:{dashboard_port}"
-        self.timings: dict[str, float] = {}
-
-    def client_env(self, token: str | None = None) -> dict[str, str]:
-        return cluster_env(self.tag, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token or self.token)
-
-    def ray(self, *args: str, timeout: float = 300, token: str | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(["ray", *args], cwd=REPO, env=self.client_env(token), capture_output=True,
-                              text=True, timeout=timeout)
-
-    def submit(self, argv: list[str], timeout: float = 420) -> dict:
-        """Run ``argv`` (a full ``ray job submit ...`` command), then read the job's final status and logs."""
-        assert argv[:3] == ["ray", "job", "submit"] and "--submission-id" not in argv
-        sid = f"brtest-{secrets.token_hex(4)}"
-        start = time.perf_counter()
-        proc = subprocess.run([*argv[:3], "--submission-id", sid, *argv[3:]], cwd=REPO, env=self.client_env(),
-                              capture_output=True, text=True, timeout=timeout)
-        seconds = time.perf_counter() - start
-        info = self.job_info(sid)
-        logs = self.ray("job", "logs", "--address", self.address, sid, timeout=60).stdout
-        return {"rc": proc.returncode, "status": info.get("status"), "message": info.get("message"),
-                "seconds": seconds, "logs": logs, "output": proc.stdout[-4000:] + proc.stderr[-4000:]}
-
-    def job_info(self, submission_id: str) -> dict:
-        """The job's record from the job REST API (``GET /api/jobs/<id>``, bearer token)."""
-        request = urllib.request.Request(f"{self.address}/api/jobs/{submission_id}",
-                                         headers={"Authorization": f"Bearer {self.token}"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
-
-
 @pytest.fixture(scope="module")
 def ray_head(s3_server):
-    from ray._private.services import get_node_ip_address
-
-    tag, token = new_tag(), secrets.token_hex(32)
-    temp_dir = tempfile.mkdtemp(prefix="brjob-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    gcs_port, dashboard_port = free_port(), free_port()
-    head = RayHead(tag, temp_dir, token, dashboard_port)
-    # RAY_ADDRESS in the head's environment: Ray Train's helper actors then find this cluster, not another one
-    # on the same machine.
-    env = cluster_env(tag, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-                      RAY_ADDRESS=f"{get_node_ip_address()}:{gcs_port}")
-    cmd = ["ray", "start", "--head", f"--temp-dir={temp_dir}", f"--port={gcs_port}",
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-           f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-           "--num-cpus=2", "--disable-usage-stats"]
-    try:
-        start = time.perf_counter()
-        started = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
-        assert started.returncode == 0, f"ray start failed:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}"
-        head.timings["ray_start_s"] = time.perf_counter() - start
-        deadline = time.monotonic() + 90
-        while True:  # the job API answers once the dashboard is up
-            listed = head.ray("job", "list", "--address", head.address, timeout=60)
-            if listed.returncode == 0:
-                break
-            assert time.monotonic() < deadline, f"job API did not answer:\n{listed.stderr[-3000:]}"
-            time.sleep(1.0)
-        head.timings["job_api_ready_s"] = time.perf_counter() - start
+    """The head's environment holds the session S3 server's settings (from ``os.environ``): the node's
+    environment, which its workers and job drivers inherit."""
+    with start_ray_head() as head:
         yield head
-    finally:
-        stop_tagged(tag, cmdline_marker=temp_dir)
-        leftover = tagged_pids(tag, cmdline_marker=temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        assert not leftover, f"processes of the test's Ray head survived the cleanup: {leftover}"
 
 
 @pytest.fixture(scope="module")

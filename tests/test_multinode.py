@@ -3,7 +3,8 @@
 Each scenario runs ``tests/multinode_scenarios.py`` in a subprocess that builds a ``ray.cluster_utils.Cluster``
 (a 0-CPU head + two 3-CPU worker nodes, like ``ray_cluster.yaml``'s layout), because this test session already
 holds a local Ray instance. Data, checkpoints and predictions live in the session's local S3 server (shared
-storage, as multi-node runs need); credentials reach workers on other nodes the way the library sends them.
+storage, as multi-node runs need); credentials reach workers on every node through the node's environment (the
+scenario process that starts the nodes has the S3 settings in its environment), never through a runtime env.
 
 - training: the two DDP workers land on different nodes; one worker node is SIGKILLed after the first
   checkpoint reached S3 and a replacement node joins; the run finishes every epoch, none repeated or skipped,

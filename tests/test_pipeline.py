@@ -110,7 +110,7 @@ def test_splits_shapes_labels_and_columns(default_datasets, prepared):
         assert sorted(r["magnification"] for r in got) == sorted(r["magnification"] for r in want)
         for r in got:
             assert r["image"].shape == (SIZE, SIZE, 3) and r["image"].dtype == np.uint8
-    assert set(ds["train"].columns()) == {"image", "label", "magnification", "key"}
+    assert set(ds["train"].columns()) == {"image", "label", "magnification", "key", "aug_epoch"}
     assert set(ds["val"].columns()) == {"image", "label", "magnification", "path", "patient_id"}
     assert sorted(_by(ds["test"], "path")) == sorted(r["path"] for r in _expected(rows, "test"))
     assert pipeline.class_counts(ds["train"]) == dict(sorted(Counter(
@@ -153,6 +153,27 @@ def test_train_augmentation_changes_every_epoch_val_does_not_and_seed_reproduces
 
     again = _by(pipeline.build_datasets(cfg)["train"], "key")  # same seed, fresh dataset: epoch 0 again
     assert all(np.array_equal(again[k]["image"], epoch0[k]["image"]) for k in epoch0)
+    assert {r["aug_epoch"] for r in epoch0.values()} == {0} and {r["aug_epoch"] for r in epoch1.values()} == {1}
+
+
+def test_a_fresh_dataset_advanced_to_an_epoch_draws_that_epochs_augmentation(ray_session, prepared):
+    """What a resumed run relies on: executing a new dataset N times (stopping each at its first batch) puts
+    it at epoch N, and a batch of the wrong epoch stops the loop instead of training on it."""
+    from breakhis_ray.data.pipeline import advance_epochs
+
+    uri, _ = prepared
+    cfg = _cfg(uri, seed=11)
+    straight = pipeline.build_datasets(cfg)["train"]
+    epochs = [_by(straight, "key") for _ in range(3)]
+    resumed = pipeline.build_datasets(cfg)["train"]
+    advance_epochs(resumed, 2)
+    two = _by(resumed, "key")
+    assert {r["aug_epoch"] for r in two.values()} == {2}
+    assert all(np.array_equal(two[k]["image"], epochs[2][k]["image"]) for k in two)
+    spec = pipeline.preprocess_spec(cfg)
+    assert len(list(pipeline.iter_train_batches(resumed, 4, "cpu", spec, epoch=3))) > 0  # its 4th execution
+    with pytest.raises(DataError, match=r"augmented for epoch\(s\) \[4\]"):
+        list(pipeline.iter_train_batches(resumed, 4, "cpu", spec, epoch=0))
 
 
 def test_iter_train_batches_yields_normalized_tensors(default_datasets, prepared):
@@ -183,3 +204,33 @@ def test_missing_shards_or_columns_fail_clearly(ray_session, tmp_path: Path, pre
     pq.write_table(pa.table({"path": ["a"], "image": [b"x"]}), bad / "shards" / "part-00000.parquet")
     with pytest.raises(DataError, match="lack column"):
         pipeline.build_datasets(_cfg(str(bad)))
+
+
+def test_one_shard_file_is_read_as_blocks_of_about_decode_batch_size_without_repartition(ray_session, tmp_path):
+    """A shard file streams out of its read task in blocks of ~``decode_batch_size`` rows (so several decode
+    tasks work on one file at once, with no repartition of the file's rows), every row arrives decoded once,
+    and the Ray Data settings changed while the read was planned are restored."""
+    import os
+
+    from ray.data import DataContext
+
+    from breakhis_ray.data.transforms import PreprocessSpec
+
+    rows = []
+    for i in range(16):  # one file of incompressible 96x128 PNGs (~37 kB each)
+        arr = np.random.default_rng(i).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        rows.append({**_rows()[0], "path": f"/data/img-{i:02d}.png", "image": buf.getvalue(), "split": "train"})
+    (tmp_path / "shards").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp_path / "shards" / "part-00000.parquet")
+    before = DataContext.get_current().target_max_block_size
+    env_before = os.environ.get(pipeline._FOOTER_READERS_ENV)
+    cfg = _cfg(str(tmp_path), decode_batch_size=2)
+    ds = pipeline.decode_stage(cfg, pipeline.read_split(cfg, None), PreprocessSpec(size=(SIZE, SIZE)), keep=["path"])
+    assert DataContext.get_current().target_max_block_size == before
+    assert os.environ.get(pipeline._FOOTER_READERS_ENV) == env_before
+    done = ds.materialize()
+    assert sorted(r["path"] for r in done.take_all()) == sorted(r["path"] for r in rows)
+    assert done.num_blocks() >= 4, done.num_blocks()  # not one block per file
+    assert "Repartition" not in done.stats()

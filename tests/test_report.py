@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import skip_or_fail
 from PIL import Image
-from test_evaluate import make_manifest, make_predictions, write_table
+from test_evaluate import cohort_manifest, cohort_predictions, make_manifest, make_predictions, write_table
 
 from breakhis_ray import cli
 from breakhis_ray.artifacts import write_parquet
@@ -164,11 +165,11 @@ def full_report(inputs, tmp_path_factory):
 
 
 # one figure each: class x magnification, enhancement, samples, training curves, confusion matrices,
-# per-magnification bars, ROC, prediction tiles, segmentation overlays
-FULL_FIGURES = 9
+# per-magnification bars, reliability diagram, ROC, prediction tiles, segmentation overlays
+FULL_FIGURES = 10
 
 
-def test_full_report_sections_images_and_tables(full_report):
+def test_full_report_sections_images_and_tables(full_report, inputs):
     page = parse(full_report / "report.html")
     assert page.sections == SECTION_IDS
     assert page.toc_links == ["#" + sid for sid in SECTION_IDS]
@@ -188,8 +189,44 @@ def test_full_report_sections_images_and_tables(full_report):
                    "vgg16-focal", "resnet50-ce", "excluded from the metric denominators", "0.860 ± 0.050"):
         assert needle in text, needle
     assert page.details >= 4  # header config, evaluate config, training run config, configs=[train.yaml]
+    metrics = json.loads(Path(inputs[1]["metrics"]).read_text())
+    acc, (lo, hi) = metrics["overall"]["accuracy"], metrics["overall"]["ci95"]["accuracy"]
+    for needle in (f"{acc * 100:.2f} [{lo * 100:.1f}, {hi * 100:.1f}]",  # intervals in the metric table
+                   "Decision threshold:", "0.5 (no validation predictions)", "bootstrap over patients",
+                   "Calibration", "Reliability diagram", "Patient diagnosis: three ways", "majority",
+                   "Protocol of every number below:", "magnification handling not known"):
+        assert needle in text, needle
     # patient-split focal tab3 row: mean of the two folds, as a percentage with the std
     assert "87.50 ± 0.50" in text
+
+
+def test_report_subtype_task_threshold_and_protocol(tmp_path):
+    """Metrics of the subtype task with a locked threshold: the 8x8 matrices, per-class table, rule and protocol."""
+    manifest = cohort_manifest(str(tmp_path / "BreaKHis_v1" / "histology_slides" / "breast"))
+    manifest_uri = str(tmp_path / "manifest.parquet")
+    write_parquet(manifest, manifest_uri)
+    pred = cohort_predictions(manifest, subtypes=True)
+    test = manifest["patient_id"].isin(sorted(manifest["patient_id"].unique())[::2])
+    pred_uri = write_table(pred[test.to_numpy()], tmp_path / "test.parquet")
+    val_uri = write_table(pred[~test.to_numpy()], tmp_path / "val.parquet")
+    metrics_uri = str(tmp_path / "metrics.json")
+    run_evaluate(load_config(EvaluateConfig, values={"predictions": pred_uri, "val_predictions": val_uri,
+                                                     "manifest": manifest_uri, "out": metrics_uri,
+                                                     "bootstrap.resamples": 100}))
+    metrics = json.loads(Path(metrics_uri).read_text())
+    out = tmp_path / "report"
+    run_report(load_config(ReportConfig, values={"out": str(out), "metrics": metrics_uri}))
+    page = parse(out / "report.html")
+    text = "".join(page.text)
+    thr = metrics["overall"]["threshold"]
+    assert thr["rule"] == "youden"
+    for needle in ("Eight-subtype task", "phyllodes_tumor", "subtype macro F1 %", "MIM", "youden",
+                   f"{thr['value']:.4f}", "Subtype confusion matrices", f"{thr['value']:.4g} (rule: youden)"):
+        assert needle in text, needle
+    figures = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert any("subtype-confusion" in f for f in figures) and any("reliability" in f for f in figures)
+    with Image.open(next((out / "figures").glob("*subtype-confusion*.png"))) as im:
+        assert im.width > 600  # two 8x8 panels, not 2x2-sized ones
 
 
 def test_report_with_only_the_manifest(inputs, tmp_path):
@@ -204,7 +241,7 @@ def test_report_with_only_the_manifest(inputs, tmp_path):
     text = "".join(page.text)
     for what in ("prepare_summary", "samples_grid", "train_runs", "metrics", "predictions", "segmentation", "grid"):
         assert f"Skipped: no {what} input given" in text, what
-    assert text.count("(input not given)") == 7
+    assert text.count("(input not given)") == 8  # the explanation gallery reads predictions too
     assert "96.96" in text  # the published numbers are still listed
     assert "Tab. 1: images per magnification and class" in text
 
@@ -220,8 +257,8 @@ def test_report_image_protocol_and_predictions_without_manifest(inputs, tmp_path
     page = parse(tmp_path / "r" / "report.html")
     text = "".join(page.text)
     assert "Image-level split: the same patients appear in training and test data" in text
-    # confusion matrices, per-magnification bars, ROC from the file's own labels; no tiles asked for
-    assert len(page.images) == 3
+    # confusion matrices, per-magnification bars, reliability diagram, ROC from the file's own labels; no tiles
+    assert len(page.images) == 4
     assert "sample_tiles=0" in text
 
 
@@ -275,8 +312,9 @@ def _browser() -> str | None:
     return next((b for b in ("chromium", "chromium-browser") if shutil.which(b)), None)
 
 
-@pytest.mark.skipif(_browser() is None, reason="chromium / chromium-browser not on PATH")
 def test_report_renders_in_headless_chromium(full_report, tmp_path):
+    if _browser() is None:
+        skip_or_fail("chromium / chromium-browser not on PATH")
     shot = tmp_path / "report.png"
     subprocess.run(["bash", str(REPO / "scripts" / "screenshot_report.sh"), str(full_report / "report.html"),
                     str(shot)], check=True, timeout=120, capture_output=True)

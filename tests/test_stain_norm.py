@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from breakhis_ray.data import stain_norm
-from breakhis_ray.data.stain import E_REF, H_REF, compose, concentrations, rgb_to_od, unit
+from breakhis_ray.data.stain import (
+    E_REF, H_REF, compose, concentrations, eosin_density, hematoxylin_density, rgb_to_od, unit,
+)
 from breakhis_ray.data.transforms import PreprocessSpec, prepare_uint8
 from breakhis_ray.errors import ConfigError, DataError
 
@@ -77,31 +79,67 @@ def test_fit_to_another_reference_and_round_trip_parameters(method, reference, s
     np.testing.assert_array_equal(prepare_uint8(reference, spec), towards_shifted)
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize(
-    "tile",
-    [
-        np.full((32, 32, 3), 255, np.uint8),  # blank glass
-        np.full((32, 32, 3), 250, np.uint8),
-        np.zeros((32, 32, 3), np.uint8),  # solid black
-        np.broadcast_to(np.array([200, 120, 180], np.uint8), (32, 32, 3)).copy(),  # flat colour
-        np.full((2, 2, 3), 128, np.uint8),  # tiny
-    ],
-    ids=["white", "near-white", "black", "flat", "tiny"],
-)
-def test_degenerate_tiles_never_give_nan(method, tile):
-    out = stain_norm.normalize_stain(tile, method)
-    assert out.shape == tile.shape and out.dtype == np.uint8
-    if tile.min() >= 250:
-        np.testing.assert_array_equal(out, tile)  # no tissue: unchanged
+def _two_colours(top, bottom) -> np.ndarray:
+    tile = np.empty((32, 32, 3), np.uint8)
+    tile[:16], tile[16:] = top, bottom
+    return tile
 
 
-def test_mostly_blank_tile_with_a_little_tissue(reference):
+def _black_rows(reference) -> np.ndarray:
+    tile = reference.copy()
+    tile[::2] = 0  # saturated optical density in every other row
+    return tile
+
+
+def _little_tissue(reference) -> np.ndarray:
     tile = np.full((64, 64, 3), 255, np.uint8)
     tile[:20, :20] = reference[:20, :20]
-    for method in METHODS:
-        out = stain_norm.normalize_stain(tile, method)
-        assert np.isfinite(out.astype(np.float64)).all() and out.dtype == np.uint8
+    return tile
+
+
+# (tile, whether (Macenko, Reinhard) normalise it through their float path; otherwise they return it unchanged)
+DEGENERATE = {
+    "white": (lambda ref: np.full((32, 32, 3), 255, np.uint8), (False, False)),  # blank glass
+    "near-white": (lambda ref: np.full((32, 32, 3), 250, np.uint8), (False, False)),
+    "black": (lambda ref: np.zeros((32, 32, 3), np.uint8), (False, True)),  # zero intensity: OD at its cap
+    "flat": (lambda ref: np.broadcast_to(np.array([200, 120, 180], np.uint8), (32, 32, 3)).copy(), (False, True)),
+    "tiny": (lambda ref: np.full((2, 2, 3), 128, np.uint8), (False, False)),
+    "two-flat": (lambda ref: _two_colours([200, 120, 180], [120, 60, 160]), (True, True)),  # rank-1 OD covariance
+    "black-and-pink": (lambda ref: _two_colours([0, 0, 0], [200, 120, 180]), (True, True)),
+    "black-rows": (_black_rows, (True, True)),
+    "little-tissue": (_little_tissue, (False, True)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEGENERATE))
+def test_degenerate_tiles_never_give_nan_on_the_float_path(name, reference):
+    """The float arrays (optical density, concentrations, l-alpha-beta, the normalised tile before its uint8
+    rounding) stay finite on degenerate tiles: a NaN there would vanish in the uint8 cast, so look before it."""
+    build, float_path = DEGENERATE[name]
+    tile = build(reference)
+    od = rgb_to_od(tile)
+    assert od.dtype == np.float32 and np.isfinite(od).all()
+    assert od.min() >= 0 and od.max() <= np.log(255.0) + 1e-5  # zero intensity counts as 1: a finite cap
+    conc = concentrations(tile)
+    assert conc.shape == tile.shape and np.isfinite(conc).all()
+    for density in (hematoxylin_density(tile), eosin_density(tile)):
+        assert density.shape == tile.shape[:2] and np.isfinite(density).all() and density.min() >= 0
+    assert np.isfinite(stain_norm.rgb_to_lab(tile)).all()
+    he = stain_norm.estimate_stain_vectors(tile)
+    if he is not None:
+        assert he.shape == (2, 3) and np.isfinite(he).all()
+        np.testing.assert_allclose(np.linalg.norm(he, axis=1), 1.0, atol=1e-9)
+    for method, expect_float in zip(METHODS, float_path):
+        normalizer = stain_norm.get_normalizer(method)
+        normalised = normalizer.transform_float(tile)
+        out = normalizer.transform(tile)
+        assert out.shape == tile.shape and out.dtype == np.uint8
+        assert (normalised is not None) == expect_float, (method, name)
+        if normalised is None:
+            np.testing.assert_array_equal(out, tile)  # no tissue or one stain direction: unchanged
+        else:
+            assert normalised.dtype == np.float64 and normalised.shape == tile.shape
+            assert np.isfinite(normalised).all(), (method, name)
 
 
 def test_errors_name_the_problem():

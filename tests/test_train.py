@@ -210,6 +210,7 @@ def test_injected_failure_resumes_from_last_checkpoint_and_finishes_all_epochs(t
 
 def test_restarting_a_finished_run_continues_instead_of_starting_over(tiny_breakhis, tmp_path):
     from breakhis_ray.train import run_train
+    from breakhis_ray.train.loop import lr_factor
 
     cfg = _cfg(tiny_breakhis, tmp_path, "scaling.num_workers=1", "train.epochs=2", "run.name=restart")
     first = run_train(cfg)
@@ -217,10 +218,16 @@ def test_restarting_a_finished_run_continues_instead_of_starting_over(tiny_break
     second = run_train(cfg)
     assert _history(second) == _history(first)  # nothing retrained
     assert sorted(p.name for p in Path(first["run_dir"]).glob("checkpoint_*")) == checkpoints
-    # Asking for more epochs on the same run picks up at epoch 3.
-    more = run_train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 3})}))
+    # Asking for more epochs on the same run picks up at epoch 3, on the 3-epoch schedule: the cosine rate of
+    # epoch index 2 of 3, not the end (0) of the 2-epoch schedule the checkpoint was trained on.
+    longer = cfg.train.model_copy(update={"epochs": 3})
+    more = run_train(cfg.model_copy(update={"train": longer}))
     assert [h["epoch"] for h in _history(more)] == [1, 2, 3]
     assert [h["resumes"] for h in _history(more)] == [0, 0, 1]  # epoch 3 ran after a restore
+    head_lr = [h["lr"] for h in _history(more)]
+    assert head_lr == pytest.approx([cfg.train.lr * lr_factor(cfg.train, 0), cfg.train.lr * lr_factor(cfg.train, 1),
+                                     cfg.train.lr * lr_factor(longer, 2)])
+    assert head_lr[2] == pytest.approx(cfg.train.lr * 0.25) and head_lr[1] == pytest.approx(cfg.train.lr * 0.5)
 
 
 def test_early_stopping_stops_when_metric_stalls(tiny_breakhis, tmp_path):

@@ -20,7 +20,10 @@ rate) / raw, and ``attainable_images_per_s``: what the machine allows when decod
 cores (on CPU: ``min(raw x concurrency, cores / (decode s/img + model s/img x torch threads))``; with GPUs:
 ``min(raw x concurrency, decode limit)``), with ``ratio_vs_attainable``.
 
-Each is done for the classifier alone and for U-Net + classifier. Images are synthetic H&E-like tiles at the
+Each is done for the classifier alone and for U-Net + classifier. With ``explain`` (default), ``explain``
+holds the cost of ``--explain gradcam`` on the classifier: the raw Predictor with and without it
+(``raw_ratio``) and the pipeline at ``scale * N`` with and without it (``pipeline_ratio``); heatmap PNGs are
+written in both. Images are synthetic H&E-like tiles at the
 BreakHis size (700x460 PNG) unless ``image_size`` says otherwise; models have random weights.
 
 Sizes come from :class:`~breakhis_ray.config.BenchInferenceSection` (``breakhis-ray bench
@@ -143,12 +146,13 @@ def raw_baselines(classifier: str, segmenter: str | None, encoded: list[bytes], 
         if profile:
             out["profile"] = profile_text(lambda: [predictor(b) for b in batches])
         if segmenter is None:
+            layout = predictor.memory_format  # the model's best: the layout the Predictor runs it in
             with torch.inference_mode():
                 tensors = [torch.from_numpy(b["_image"]) for b in batches]
-                predictor.model(normalize(tensors[0], predictor.spec))
+                predictor.model(normalize(tensors[0], predictor.spec).contiguous(memory_format=layout))
                 start = time.perf_counter()
                 for x in tensors:
-                    predictor.model(normalize(x.to(predictor.device), predictor.spec))
+                    predictor.model(normalize(x.to(predictor.device), predictor.spec).contiguous(memory_format=layout))
                 forward_s = time.perf_counter() - start
             out["raw_forward_images_per_s"] = _rate(n, forward_s)
         return out
@@ -156,15 +160,76 @@ def raw_baselines(classifier: str, segmenter: str | None, encoded: list[bytes], 
         torch.set_num_threads(previous)
 
 
-def decode_rate(encoded: list[bytes], preprocessing: dict, segment_size) -> float:
-    """Images per second for decode + resize (+ segmenter copy) on one core, bytes already in memory."""
+def batch_sweep(classifier: str, segmenter: str | None, encoded: list[bytes], sizes: list[int],
+                threads: int) -> dict[str, float]:
+    """Raw Predictor img/s at each batch size in ``sizes`` (the images repeated to fill two batches of the
+    largest), in this process with ``threads`` torch threads: where ``infer.batch_size`` comes from."""
+    import torch
+
+    from breakhis_ray.inference import Predictor
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        predictor = Predictor.from_checkpoint(classifier, segmenter, torch_threads=threads)
+        decoded = predictor.decode(encoded)
+        need = 2 * max(sizes)
+        reps = -(-need // len(encoded))
+        batch = {k: np.concatenate([v] * reps)[:need] for k, v in decoded.items()}
+        out = {}
+        for size in sizes:
+            parts = [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, need, size)]
+            predictor(parts[0])  # warm-up at this shape
+            start = time.perf_counter()
+            for part in parts:
+                predictor(part)
+            out[str(size)] = _rate(need, time.perf_counter() - start)
+        return out
+    finally:
+        torch.set_num_threads(previous)
+
+
+def explain_cost(classifier: str, encoded: list[bytes], batch_size: int, threads: int, heatmap_dir: str,
+                 method: str = "gradcam") -> dict[str, Any]:
+    """The classifier's raw Predictor with and without class-activation maps (PNG writing included), on the
+    same pre-decoded batches in this process: img/s of each and ``explain / plain``."""
+    import torch
+
+    from breakhis_ray.inference import Predictor
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        plain = Predictor.from_checkpoint(classifier, torch_threads=threads)
+        explained = Predictor.from_checkpoint(classifier, torch_threads=threads, explain=method,
+                                              heatmap_dir=heatmap_dir)
+        batch = plain.decode(encoded)
+        n = len(encoded)
+        batches = [{k: v[i:i + batch_size] for k, v in batch.items()} for i in range(0, n, batch_size)]
+        rates = {}
+        for name, predictor in (("plain", plain), ("explain", explained)):
+            predictor(batches[0])  # warm-up
+            start = time.perf_counter()
+            for b in batches:
+                predictor(b)
+            rates[name] = _rate(n, time.perf_counter() - start)
+        return {"method": method, "raw_predictor_images_per_s": rates["plain"],
+                "raw_predictor_explain_images_per_s": rates["explain"],
+                "raw_ratio": round(rates["explain"] / rates["plain"], 3)}
+    finally:
+        torch.set_num_threads(previous)
+
+
+def decode_rate(encoded: list[bytes], preprocessing: dict, segment_size, backend: str | None = None) -> float:
+    """Images per second for decode + resize (+ segmenter copy) on one core, bytes already in memory
+    (``backend``: the PNG decoder, default as ``infer``'s)."""
     from breakhis_ray.data.transforms import PreprocessSpec
     from breakhis_ray.inference import decode_for_models
 
     spec = PreprocessSpec.from_dict(preprocessing)
     start = time.perf_counter()
     for data in encoded:
-        decode_for_models(data, spec, segment_size, max_pixels=10**9)
+        decode_for_models(data, spec, segment_size, max_pixels=10**9, backend=backend)
     return _rate(len(encoded), time.perf_counter() - start)
 
 
@@ -268,9 +333,12 @@ def run_inference_benchmark(
                   "num_cpus": num_cpus, "num_gpus": num_gpus, "decode_num_cpus": decode_num_cpus}, sample_interval)
     for mode, segmenter in (("classifier", None), ("unet_classifier", unet_ckpt)):
         prep, seg_size = resolve_sizes(clf_ckpt, segmenter)
-        entry: dict[str, Any] = {"decode_1core_images_per_s": decode_rate(encoded, prep, seg_size)}
+        entry: dict[str, Any] = {"decode_1core_images_per_s": decode_rate(encoded, prep, seg_size),
+                                 "decode_1core_pil_images_per_s": decode_rate(encoded, prep, seg_size, "pil")}
         entry["decode_limit_images_per_s"] = round(entry["decode_1core_images_per_s"] * results["cores"], 2)
         entry.update(raw_baselines(clf_ckpt, segmenter, encoded, batch_size, threads, profile=profile))
+        if section.batch_sweep:
+            entry["batch_sweep_images_per_s"] = batch_sweep(clf_ckpt, segmenter, encoded, section.batch_sweep, threads)
         for label, root, count in (("n", small_root, n_images), ("scale_n", work / "images_big", big)):
             values = {
                 "input": str(root), "out": str(work / f"out-{stamp}-{mode}-{label}"), "classifier": clf_ckpt,
@@ -292,6 +360,20 @@ def run_inference_benchmark(
         entry["peak_rss_ratio_ok"] = entry["peak_rss_ratio"] <= 1.3
         entry.update(derived_ratios(entry, results["cores"], threads, concurrency, num_gpus))
         results[mode] = entry
+    if section.explain:  # the cost of --explain gradcam on the classifier: raw Predictor and pipeline
+        cost = explain_cost(clf_ckpt, encoded, batch_size, threads, str(work / f"heatmaps-{stamp}"))
+        values = {
+            "input": str(work / "images_big"), "out": str(work / f"out-{stamp}-explain"), "classifier": clf_ckpt,
+            "chunk_size": max(8, big // 8), "batch_size": batch_size, "num_cpus": num_cpus, "num_gpus": num_gpus,
+            "concurrency": concurrency, "decode_num_cpus": decode_num_cpus, "decode_batch_size": decode_batch_size,
+            "explain": {"method": cost["method"]},
+        }
+        cost["pipeline_explain"] = pipeline_run(values, sample_interval)
+        plain = results["classifier"]["pipeline_scale_n"]["images_per_s"]
+        cost["pipeline_images_per_s"] = plain
+        cost["pipeline_explain_images_per_s"] = cost["pipeline_explain"]["images_per_s"]
+        cost["pipeline_ratio"] = round(cost["pipeline_explain_images_per_s"] / plain, 3)
+        results["explain"] = cost
     return results
 
 

@@ -75,21 +75,25 @@ def _tree_cpu_ticks(root: int | None = None) -> dict[int, int]:
 
 class OthersCpu:
     """Context manager: average cores busy with processes outside this process tree while it was open
-    (``cores``; None off Linux).
+    (``cores``; None off Linux), and the CPU seconds attributed to this tree (``own_seconds``).
 
-    The tree's own CPU time is sampled per process every ``interval`` seconds, so short-lived workers of this
-    run (Ray Train workers, DataLoader workers, decode tasks' processes) count as ours even after they exit;
-    at most one interval of each exited process's time is missed (and counted as others').
+    The tree's own CPU time is sampled per process every ``interval`` seconds (``samples`` counts them), so
+    short-lived workers of this run (Ray Train workers, DataLoader workers, decode tasks' processes) count as ours
+    even after they exit; at most the time since the last sample of each exited process is missed (and counted
+    as others').
     """
 
     def __init__(self, interval: float = 0.25):
         self.interval = interval
         self.cores = None
+        self.own_seconds = 0.0
+        self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
         self._last.update(_tree_cpu_ticks())
+        self.samples += 1
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -108,9 +112,10 @@ class OthersCpu:
         self._sample()
         wall0, busy0 = self._start
         busy = machine_cpu_seconds()
+        own = sum(t - self._first.get(pid, 0) for pid, t in self._last.items()) / os.sysconf("SC_CLK_TCK")
+        self.own_seconds = own
         if busy is None or busy0 is None:
             return
-        own = sum(t - self._first.get(pid, 0) for pid, t in self._last.items()) / os.sysconf("SC_CLK_TCK")
         wall = max(time.perf_counter() - wall0, 1e-9)
         self.cores = round(max(0.0, (busy - busy0) - own) / wall, 2)
 

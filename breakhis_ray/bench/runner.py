@@ -6,7 +6,8 @@ The JSON is stable across runs: ``machine``, ``config``, ``wall_s``, ``seconds``
 (per section: average cores busy with processes outside this run, the noise on a shared machine), ``targets``
 and one object per section: ``ingest`` (``images_per_s``, ``ratio_vs_dataloader``, ``ratios``), ``train``
 (``ratio_ray_vs_plain``, ``ratio_scale_vs_1``, ``models``), ``inference`` (``ratio_vs_raw`` and
-``memory_ratio_10x``: the worse of the two modes; ``classifier``, ``unet_classifier``) and ``synth``
+``memory_ratio_10x``: the worse of the two modes; ``classifier``, ``unet_classifier``; ``explain``: the
+classifier with and without ``--explain gradcam``, raw and in the pipeline, and their ratios) and ``synth``
 (``images_per_s``, ``ratio_ray_vs_single``).
 """
 
@@ -143,9 +144,29 @@ def _niceness_of_a_worker() -> int | None:
         return None
 
 
+#: Where ``bench --gpu`` writes its JSON unless ``--json``/``json_out`` says otherwise.
+GPU_CHECK_JSON = "runs/bench/gpu_check.json"
+
+
+def _gpu_check(cfg: BenchConfig, start: float) -> dict[str, Any]:
+    from breakhis_ray.bench.gpu import format_gpu_table, run_gpu_check
+
+    json_out = cfg.json_out if "json_out" in cfg.model_fields_set else GPU_CHECK_JSON
+    with _scratch(cfg.workdir) as work:
+        results = run_gpu_check(cfg, work / "gpu")
+    results["wall_s"] = round(time.perf_counter() - start, 1)
+    log.info("%s", format_gpu_table(results))
+    write_json(json_out, results)
+    write_text_atomic(_beside(json_out, ".config.yaml"), config_text(cfg))
+    log.info("bench: wrote %s", json_out)
+    return results
+
+
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run the enabled sections in order (ingest, train, inference, synth); log the table; write the JSON
-    (``cfg.json_out``), the profile and the provenance beside it; return the results."""
+    (``cfg.json_out``), the profile and the provenance beside it; return the results. With ``gpu.enabled``
+    (``--gpu``), run the one-shot GPU check instead (:mod:`breakhis_ray.bench.gpu`; JSON at
+    :data:`GPU_CHECK_JSON` unless ``json_out`` is given)."""
     from breakhis_ray.bench.machine import load_average, machine_info
     from breakhis_ray.bench.memory import OthersCpu
     from breakhis_ray.allocator import keep_freed_memory
@@ -154,6 +175,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     start = time.perf_counter()
     keep_freed_memory()  # the baselines run here: the same allocator setting as the Ray workers and actors
     start_ray(cfg)
+    if cfg.gpu.enabled:
+        return _gpu_check(cfg, start)
     machine = machine_info()
     machine["ray_worker_niceness"] = _niceness_of_a_worker()
     results: dict[str, Any] = {"schema": SCHEMA_VERSION, "machine": machine, "quick": cfg.quick,

@@ -16,6 +16,7 @@ Modules:
 - :mod:`~breakhis_ray.config.infer`: ``infer``.
 - :mod:`~breakhis_ray.config.evaluate`: ``evaluate``, ``report``.
 - :mod:`~breakhis_ray.config.experiments`: ``experiments`` (the papers' grid), ``demo``.
+- :mod:`~breakhis_ray.config.cv`: ``cv`` (cross-validation under one evaluation protocol).
 - :mod:`~breakhis_ray.config.bench`: ``bench``.
 
 Nothing here imports ``breakhis_ray.data`` or any stage module.
@@ -45,7 +46,9 @@ from breakhis_ray.config.base import (
 )
 from breakhis_ray.config.bench import (
     BENCH_QUICK,
+    GPU_SMOKE,
     BenchConfig,
+    BenchGpuSection,
     BenchInferenceSection,
     BenchIngestSection,
     BenchSynthSection,
@@ -59,6 +62,7 @@ from breakhis_ray.config.common import (
     RayConfig,
     RunSection,
     ScalingSection,
+    TrackingSection,
 )
 from breakhis_ray.config.data import (
     ENHANCE_TRANSFORMS,
@@ -69,7 +73,14 @@ from breakhis_ray.config.data import (
     SplitOptions,
     SynthConfig,
 )
-from breakhis_ray.config.evaluate import EvaluateConfig, ReportConfig
+from breakhis_ray.config.cv import CVConfig
+from breakhis_ray.config.evaluate import (
+    BootstrapSection,
+    CalibrationMetricsSection,
+    EvaluateConfig,
+    ReportConfig,
+    ThresholdSection,
+)
 from breakhis_ray.config.experiments import (
     GRID_TABLES,
     DemoConfig,
@@ -81,7 +92,8 @@ from breakhis_ray.config.experiments import (
     SegmentationTableSection,
     StrategyTableSection,
 )
-from breakhis_ray.config.infer import InferConfig
+from breakhis_ray.config.export import ExportConfig
+from breakhis_ray.config.infer import ExplainSection, InferConfig
 from breakhis_ray.config.segment import (
     SegDataConfig,
     SegEvalConfig,
@@ -95,6 +107,7 @@ from breakhis_ray.config.segment import (
 )
 from breakhis_ray.config.train import (
     AugmentConfig,
+    CalibrationSection,
     DataConfig,
     GuidanceConfig,
     LossConfig,
@@ -105,16 +118,18 @@ from breakhis_ray.domain import MAGNIFICATIONS
 
 
 __all__ = [
-    "AugmentConfig", "BENCH_QUICK", "BenchConfig", "BenchInferenceSection", "BenchIngestSection",
-    "BenchSynthSection", "BenchTrainSection", "DEFAULT_MAX_PIXELS", "DataConfig", "DecodeSection", "DemoConfig",
+    "AugmentConfig", "BENCH_QUICK", "CalibrationSection", "BenchConfig", "BenchGpuSection", "BenchInferenceSection",
+    "BenchIngestSection", "GPU_SMOKE",
+    "BenchSynthSection", "BenchTrainSection", "CVConfig", "DEFAULT_MAX_PIXELS", "DataConfig", "DecodeSection", "DemoConfig",
     "ENHANCE_TRANSFORMS", "EnhanceConfig", "EvaluateConfig", "ExperimentsConfig", "FailureInjection",
-    "GRID_TABLES", "GridScoringSection", "GridSegmenterSection", "GuidanceConfig", "InferConfig",
+    "ExplainSection", "ExportConfig", "GRID_TABLES", "GridScoringSection", "GridSegmenterSection", "GuidanceConfig", "InferConfig",
     "LossConfig", "LossTableSection", "MAGNIFICATIONS", "MagnificationTableSection", "ManifestConfig",
-    "ModelConfig", "ModelT", "OptimConfig", "PrepareConfig", "RayConfig", "ReportConfig", "RunSection",
+    "ModelConfig", "ModelT", "OptimConfig", "PrepareConfig", "RayConfig", "ReportConfig", "RunSection", "TrackingSection",
     "SHIPPED_CONFIGS", "ScalingSection", "SegDataConfig", "SegEvalConfig", "SegLossConfig", "SegModelConfig",
     "SegOptimConfig", "SegRunSection", "SegSourceSection", "SegSplitSection", "SegTrainConfig",
     "SegmentationTableSection", "SplitConfig", "SplitOptions", "StrategyTableSection", "StrictModel",
     "SynthConfig", "TrainConfig", "config_yaml", "dump_config", "format_validation_error", "load_config",
     "one_or_many", "parse_bytes", "parse_hw", "parse_hw_or_none", "parse_magnifications", "parse_override",
     "read_yaml", "shipped_config", "size_string", "validate_config", "wh_size",
+    "BootstrapSection", "CalibrationMetricsSection", "ThresholdSection",
 ]

@@ -23,6 +23,9 @@ class BenchIngestSection(StrictModel):
     workers: int | None = Field(default=None, ge=0, description="DataLoader workers; null: the cores")
     decode_num_cpus: float = Field(default=0.5, gt=0.0, description="as DataConfig (what training uses)")
     decode_batch_size: int = Field(default=32, ge=1, description="as DataConfig (what training uses)")
+    backend: Literal["auto", "pil", "imagecodecs", "opencv"] = Field(
+        default="auto", description="decoder of the Ray Data side and of dataloader_fast (as decode.backend)")
+    repeats: int = Field(default=2, ge=1, description="rounds of every pass; the fastest pass counts")
 
 
 class BenchTrainSection(StrictModel):
@@ -59,8 +62,12 @@ class BenchInferenceSection(StrictModel):
     concurrency: int = Field(default=1, ge=1)
     decode_num_cpus: float = Field(default=1.0, gt=0.0, description="as InferConfig")
     decode_batch_size: int = Field(default=16, ge=1, description="as InferConfig")
+    batch_sweep: list[int] = Field(default=[8, 16, 32, 64], description="batch sizes of the raw Predictor "
+                                   "sweep per mode ([]: none)")
     profile: bool = Field(default=True, description="cProfile one raw Predictor pass per mode and one more "
                           "classifier pipeline pass at scale x N for Ray Data's per-operator statistics")
+    explain: bool = Field(default=True, description="also measure the classifier with --explain gradcam (raw "
+                          "Predictor and pipeline at scale x N): img/s with and without, and their ratio")
 
     _image_size = field_validator("image_size", mode="before")(lambda cls, v: parse_hw(v))
 
@@ -83,6 +90,40 @@ class BenchSynthSection(StrictModel):
     task_cpus: float = Field(default=0.5, gt=0.0)
 
     _size = field_validator("size", mode="before")(lambda cls, v: wh_size(v))
+
+
+class BenchGpuSection(StrictModel):
+    """The one-shot GPU check (``breakhis-ray bench --gpu``, ``make gpu-check``; :mod:`breakhis_ray.bench.gpu`):
+    training steps with bf16 autocast, U-Net + classifier through the real ``infer`` pipeline, JPEG decode on
+    CPU vs GPU. Without a GPU, :data:`GPU_SMOKE` sizes replace those not given explicitly (a CPU smoke run)."""
+
+    enabled: bool = Field(default=False, description="run the GPU check instead of the four sections")
+    device: Literal["auto", "cpu"] = Field(default="auto", description="cpu: the smoke run even with a GPU")
+    models: list[str] = Field(default=["vgg16_bn", "resnet50"], min_length=1, description="trained, random init")
+    image_size: int = Field(default=224, ge=8)
+    batch_size: int = Field(default=64, ge=1)
+    warmup_steps: int = Field(default=10, ge=0)
+    steps: int = Field(default=40, ge=1)
+    torch_threads: int = Field(default=4, ge=1, description="torch CPU threads of the training process")
+    infer_classifier: str = "vgg16_bn"
+    infer_images: int = Field(default=1024, ge=2)
+    infer_batch_size: int = Field(default=64, ge=1)
+    segment_size: int = Field(default=256, ge=32, description="U-Net input side (multiple of 32)")
+    jpeg_images: int = Field(default=512, ge=1, description="images of the synthetic JPEG shards decoded")
+
+    @field_validator("segment_size")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"segment_size must be a multiple of 32, got {value}")
+        return value
+
+
+#: Sizes of the GPU check's smoke run on a machine without CUDA (explicit values still win).
+GPU_SMOKE: dict[str, Any] = {
+    "models": ["tiny_cnn"], "image_size": 32, "batch_size": 4, "warmup_steps": 1, "steps": 2, "torch_threads": 1,
+    "infer_classifier": "tiny_cnn", "infer_images": 8, "infer_batch_size": 4, "segment_size": 64, "jpeg_images": 8,
+}
 
 
 #: What ``quick: true`` changes; any value given explicitly (YAML, flag, override) still wins.
@@ -112,6 +153,7 @@ class BenchConfig(StrictModel):
     train: BenchTrainSection = BenchTrainSection()
     inference: BenchInferenceSection = BenchInferenceSection()
     synth: BenchSynthSection = BenchSynthSection()
+    gpu: BenchGpuSection = BenchGpuSection()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="before")

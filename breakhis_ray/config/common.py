@@ -12,6 +12,8 @@ from breakhis_ray.config.base import StrictModel
 #: Default decompression-bomb guard (width * height) of the one decoder, for ``prepare``, training and
 #: ``infer`` alike. The decoder may import it from here (config sits below ``breakhis_ray.data``).
 DEFAULT_MAX_PIXELS = 64_000_000
+#: PNG decoder backends of :mod:`breakhis_ray.data.decode` (``auto``: the fastest installed, else PIL).
+DECODE_BACKENDS = ("auto", "pil", "imagecodecs", "opencv")
 
 
 class RayConfig(StrictModel):
@@ -25,10 +27,14 @@ class RayConfig(StrictModel):
 
 
 class DecodeSection(StrictModel):
-    """Image decoding limits, the same for every stage that decodes image files."""
+    """Image decoding limits and backend, the same for every stage that decodes image files."""
 
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1, description="decompression-bomb guard: larger "
                             "images (width*height, read from the header before decoding) are rejected")
+    backend: Literal["auto", "pil", "imagecodecs", "opencv"] = Field(
+        default="auto", description="decoder of 8-bit RGB PNGs (every other image goes through PIL); the pixels "
+        "are identical whichever decodes. auto: $BREAKHIS_DECODE_BACKEND if set, else the fastest installed "
+        "(imagecodecs, opencv), else pil")
 
 
 def lift_max_pixels(data: object) -> object:
@@ -60,11 +66,15 @@ class ScalingSection(StrictModel):
 
 
 class FailureInjection(StrictModel):
-    """Chaos testing: fail once at ``epoch`` (0-based) on ``rank``, by exception or by killing the worker."""
+    """Chaos testing: fail once on ``rank`` at the start of ``epoch`` (0-based) or, with ``step``, right after
+    that epoch's ``step``-th optimiser step (after the mid-epoch checkpoint due at that step, if any).
+    ``kill`` sends SIGKILL to the worker process (nothing is cleaned up, as when a node dies); ``exception``
+    raises in the train loop."""
 
     epoch: int = Field(ge=0)
+    step: int | None = Field(default=None, ge=1, description="steps into the epoch; null: at the epoch's start")
     rank: int = Field(default=0, ge=0)
-    mode: Literal["exception", "kill"] = "exception"
+    mode: Literal["exception", "kill"] = "kill"
 
 
 class RunSection(StrictModel):
@@ -80,6 +90,11 @@ class RunSection(StrictModel):
     keep_checkpoints: int = Field(default=2, ge=1)
     checkpoint_metric: str = "val_balanced_accuracy"
     checkpoint_mode: Literal["max", "min"] = "max"
+    checkpoint_every_steps: int | None = Field(
+        default=None, ge=1, description="also checkpoint every N optimiser steps inside an epoch (resume there "
+        "exactly: the step, per-rank RNG and partial sums are saved); null: at epoch ends only")
+    deterministic: bool = Field(default=False, description="deterministic CUDA kernels (torch."
+                                "use_deterministic_algorithms, no cuDNN autotuning, fixed cuBLAS workspace)")
     inject_failure: FailureInjection | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     data_progress_bars: bool = False
@@ -105,3 +120,25 @@ class OptimConfig(StrictModel):
     amp: bool = Field(default=True, description="bf16 autocast on GPU; ignored on CPU")
     max_steps_per_epoch: int | None = Field(default=None, ge=1)
     seed: int = 0
+
+
+class TrackingSection(StrictModel):
+    """Experiment tracking (:mod:`breakhis_ray.tracking`): MLflow runs and TensorBoard event files.
+
+    ``mlflow_uri``: any MLflow tracking URI (``http://host:5000``, ``sqlite:///file.db``, ``databricks``, ...);
+    ``local`` keeps a SQLite store and the artifacts under the run's own directory; null turns MLflow off.
+    A training run becomes one MLflow run (params: the resolved config flattened; per-epoch metrics of every
+    rank-0 report; artifacts: ``config.yaml``, the best checkpoint, ``history.json``, ``result.json``); grid and
+    cross-validation trials become child runs of one parent run; ``evaluate`` logs its JSON into the run that
+    trained the predictions' checkpoint (or ``run_id``).
+    """
+
+    mlflow_uri: str | None = Field(default=None, description="MLflow tracking URI, 'local' (a store under the "
+                                   "run directory) or null (off)")
+    experiment: str = Field(default="breakhis-ray", description="MLflow experiment name (created when absent)")
+    tensorboard: bool = Field(default=False, description="also write TensorBoard event files to "
+                              "<run_dir>/tensorboard (local run.storage_path only)")
+    parent_run_id: str | None = Field(default=None, description="nest the run under this MLflow run (set by "
+                                      "the grid and cv drivers for their trials)")
+    run_id: str | None = Field(default=None, description="evaluate: log into this MLflow run instead of the "
+                               "checkpoint's training run")

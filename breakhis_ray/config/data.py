@@ -68,12 +68,16 @@ class EnhanceConfig(StrictModel):
 
     Deterministic augmented copies of *training* images of the minority class, per magnification, until the
     classes balance (``target: balance``) or each class reaches ``target`` images per magnification.
+    ``balance``: the classes balanced, ``label`` (benign / malignant, the binary task) or ``subtype`` (the
+    eight subtypes, for the subtype task).
     ``transforms``: ``hflip``, ``vflip``, ``rot90``, ``rot180``, ``rot270`` (quarter turns only for square
     images) and ``hed_jitter`` / ``hed_jitter(SIGMA)`` (seeded stain jitter, added to every copy; it also
     allows more copies per image than there are geometric transforms).
     """
 
     enabled: bool = False
+    balance: Literal["label", "subtype"] = Field(default="label", description="classes to balance: "
+                                                 "benign/malignant (label) or the eight subtypes (subtype)")
     target: Literal["balance"] | int = "balance"
     transforms: list[str] = Field(default_factory=lambda: ["hflip", "vflip", "rot90", "rot180", "rot270"])
     seed: int = 0

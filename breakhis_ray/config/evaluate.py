@@ -3,11 +3,50 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from breakhis_ray.config.base import StrictModel, one_or_many
+from breakhis_ray.config.common import TrackingSection
+
+
+class ThresholdSection(StrictModel):
+    """The decision threshold on ``prob_malignant``: chosen on the validation predictions by ``rule``, then
+    locked for the evaluated split (its predictions never move it).
+
+    ``fixed``: ``value``, validation not looked at. ``youden``: the validation threshold maximising
+    sensitivity + specificity - 1. ``sensitivity``: the highest validation threshold whose sensitivity reaches
+    ``target_sensitivity``. Without validation predictions (or with one class only in them) the rule falls back
+    to ``value`` and the metrics JSON says so. A bare number (``threshold=0.3``) means ``rule: fixed``.
+    """
+
+    rule: Literal["fixed", "youden", "sensitivity"] = Field(
+        default="youden", description="fixed | youden | sensitivity, applied to the validation predictions")
+    value: float = Field(default=0.5, gt=0.0, lt=1.0, description="the threshold of rule fixed, and the "
+                         "fallback when no validation predictions are given")
+    target_sensitivity: float = Field(default=0.95, gt=0.0, le=1.0,
+                                      description="rule sensitivity: the validation sensitivity to reach")
+
+
+def _threshold_section(value: Any) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {"rule": "fixed", "value": value}
+    return value
+
+
+class BootstrapSection(StrictModel):
+    """95% intervals from a bootstrap that resamples patients (all images of a drawn patient come along)."""
+
+    resamples: int = Field(default=1000, ge=0, description="bootstrap resamples; 0 turns the intervals off")
+    seed: int = Field(default=0, ge=0, description="seed of numpy's default_rng for the patient draws")
+
+
+class CalibrationMetricsSection(StrictModel):
+    """Calibration metrics of ``prob_malignant``: expected calibration error over equal-width bins, Brier."""
+
+    bins: int = Field(default=10, ge=1, le=100, description="equal-width probability bins of ECE and the "
+                      "reliability diagram")
 
 
 class EvaluateConfig(StrictModel):
@@ -16,7 +55,8 @@ class EvaluateConfig(StrictModel):
     ``predictions`` takes one URI (a Parquet file or a directory of ``part-*.parquet``) or a list, one per
     fold; with several, the output also holds every fold and the mean ± std over folds. The evaluation set
     is every predicted image found in the manifest, or, with ``splits``, the images of ``split`` in
-    ``fold`` (one fold per prediction set; default: the splits' folds in order).
+    ``fold`` (one fold per prediction set; default: the splits' folds in order). The threshold is chosen on
+    the validation predictions (``val_predictions``, else the ``val`` rows of ``predictions``) and locked.
     """
 
     predictions: list[str] = Field(description="prediction Parquet file or directory; a list for several folds")
@@ -25,10 +65,23 @@ class EvaluateConfig(StrictModel):
     splits: str | None = Field(default=None, description="splits Parquet: evaluate only `split` of `fold`")
     fold: list[int] | None = Field(default=None, description="splits fold of each prediction set")
     split: Literal["train", "val", "test"] = Field(default="test", description="which split, with `splits`")
-    threshold: float = Field(default=0.5, gt=0.0, lt=1.0, description="malignant when prob_malignant >= this")
+    val_predictions: list[str] | None = Field(
+        default=None, description="prediction Parquet of the validation images, one per prediction set (the "
+        "threshold rule's input); null: with `splits`, the `val` rows of `predictions` themselves")
+    threshold: ThresholdSection = Field(default_factory=ThresholdSection,
+                                        description="malignant when prob_malignant >= the locked threshold")
+    bootstrap: BootstrapSection = Field(default_factory=BootstrapSection)
+    calibration: CalibrationMetricsSection = Field(default_factory=CalibrationMetricsSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection, description="MLflow: log the metrics "
+                                      "JSON into the run that trained the predictions' checkpoint")
+    magnification_mode: Literal["auto", "specific", "independent"] = Field(
+        default="auto", description="magnification-specific (one model per magnification) or -independent "
+        "(one model for all); auto: from the predictions' classifier_checkpoint per magnification")
 
     _predictions = field_validator("predictions", mode="before")(lambda cls, v: one_or_many(v))
     _fold = field_validator("fold", mode="before")(lambda cls, v: one_or_many(v))
+    _val_predictions = field_validator("val_predictions", mode="before")(lambda cls, v: one_or_many(v))
+    _threshold = field_validator("threshold", mode="before")(lambda cls, v: _threshold_section(v))
 
     @field_validator("predictions")
     @classmethod

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from breakhis_ray.config.base import StrictModel, parse_magnifications, shipped_config, wh_size
-from breakhis_ray.config.common import RayConfig, ScalingSection
+from breakhis_ray.config.common import RayConfig, ScalingSection, TrackingSection
 from breakhis_ray.config.data import SplitOptions, SynthConfig
 from breakhis_ray.domain import MAGNIFICATIONS
 
@@ -119,6 +119,8 @@ class ExperimentsConfig(StrictModel):
     scoring: GridScoringSection = Field(default_factory=GridScoringSection)
     resume: bool = Field(default=True, description="skip finished stages and trials found in out; false: "
                          "refuse an out that already holds finished trials")
+    tracking: TrackingSection = Field(default_factory=TrackingSection, description="MLflow: one parent run "
+                                      "for the grid, one child run per trial ('local': a store under out)")
     ray: RayConfig = RayConfig()
 
     @field_validator("synthetic")
@@ -186,7 +188,8 @@ class ExperimentsConfig(StrictModel):
 
 
 class DemoConfig(StrictModel):
-    """``make demo``: synth -> manifest -> split -> prepare -> train -> U-Net -> infer -> evaluate -> report.
+    """``make demo``: synth -> manifest -> split -> prepare -> train -> U-Net -> infer -> evaluate -> holdout
+    cohort (synth with another seed -> manifest -> infer -> evaluate) -> report.
 
     ``size`` is the synthetic tiles' ``(width, height)``, as :class:`SynthConfig`'s.
     """
@@ -204,6 +207,10 @@ class DemoConfig(StrictModel):
     train_overrides: list[str] = Field(default_factory=list, description="key=value overrides for training")
     segmenter_overrides: list[str] = Field(default_factory=list)
     infer_segmenter: Literal["unet", "threshold", "watershed"] = "unet"
+    holdout: bool = Field(default=True, description="also score the classifier on a second synthetic cohort "
+                          "rendered with another seed (new pixels for every patient): stage `holdout`")
+    holdout_seed: int | None = Field(default=None, description="that cohort's seed; null: seed + 1000")
+    holdout_fraction: float = Field(default=0.02, gt=0.0, le=1.0, description="its share of BreakHis' images")
     ray: RayConfig = RayConfig()
 
     _size = field_validator("size", mode="before")(lambda cls, v: wh_size(v))

@@ -10,6 +10,24 @@ from breakhis_ray.config.base import StrictModel, parse_hw_or_none
 from breakhis_ray.config.common import DecodeSection, RayConfig, lift_max_pixels
 
 
+class ExplainSection(StrictModel):
+    """Class-activation maps beside every prediction (``infer --explain gradcam``).
+
+    ``method``: ``gradcam`` or ``gradcam++`` (null: off). Each ok row gets an overlay PNG and a raw map PNG at
+    its input image's size under ``<out>/heatmaps/`` and their URI in ``heatmap_uri``. ``target_layer``: a
+    module path of the classifier (null: the family's default, see :mod:`breakhis_ray.explain.gradcam`).
+    """
+
+    method: Literal["gradcam", "gradcam++"] | None = None
+    target_layer: str | None = Field(default=None, description="module path, e.g. layer4 or features.29; "
+                                     "null: the model family's default")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _off(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip().lower() in ("none", "off", "") else value
+
+
 class InferConfig(StrictModel):
     """``breakhis-ray infer``: Ray Data batch inference, one Parquet row per input image.
 
@@ -58,9 +76,14 @@ class InferConfig(StrictModel):
     num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per Predictor actor (fractions share one)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(default=True, description="bf16 autocast on GPU; ignored on CPU")
+    tta: bool = Field(default=False, description="test-time augmentation: average the class probabilities "
+                      "over flips and quarter turns (8 views for square inputs, 4 otherwise; as many forward "
+                      "passes)")
     torch_threads: int | None = Field(default=None, ge=1, description="torch threads per actor "
                                       "(null: max(1, round(num_cpus)))")
     run_id: str | None = Field(default=None, description="null: a fresh id per run")
+    explain: ExplainSection = Field(default_factory=ExplainSection, description="Grad-CAM heatmaps per "
+                                    "prediction (--explain gradcam|gradcam++)")
     ray: RayConfig = RayConfig()
 
     _max_pixels = model_validator(mode="before")(lambda cls, data: lift_max_pixels(data))

@@ -8,7 +8,14 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from breakhis_ray.config.base import StrictModel, parse_hw, parse_magnifications
-from breakhis_ray.config.common import OptimConfig, RayConfig, RunSection, ScalingSection
+from breakhis_ray.config.common import (
+    DecodeSection,
+    OptimConfig,
+    RayConfig,
+    RunSection,
+    ScalingSection,
+    TrackingSection,
+)
 
 
 class AugmentConfig(StrictModel):
@@ -57,6 +64,8 @@ class DataConfig(StrictModel):
     decode_batch_size: int = Field(default=32, ge=1)
     decode_num_cpus: float = Field(default=0.5, gt=0.0)
     decode_concurrency: int | None = Field(default=None, ge=1)
+    decode: DecodeSection = Field(default_factory=DecodeSection, description="decoder backend and "
+                                  "decompression-bomb guard of the decode stage (as prepare and infer)")
     augment: AugmentConfig = AugmentConfig()
     seed: int | None = Field(default=0, description="augmentation/shuffle seed; null: fresh entropy every run")
 
@@ -77,10 +86,17 @@ class ModelConfig(StrictModel):
 
 
 class LossConfig(StrictModel):
-    """Classification loss: cross-entropy, class-weighted cross-entropy or focal loss."""
+    """Classification loss: cross-entropy, class-weighted cross-entropy or focal loss.
+
+    Class balancing: ``weighted_ce`` weighs each class by ``n_total / (n_classes * n_c)`` from
+    ``class_counts``; focal ``alpha: balanced`` uses the same per-class weights as its alpha (both counted on
+    the training split when ``class_counts`` is null), for either task.
+    """
 
     name: Literal["ce", "weighted_ce", "focal"] = "focal"
-    alpha: float | list[float] | None = None
+    alpha: float | list[float] | Literal["balanced"] | None = Field(
+        default=None, description="focal: malignant weight (binary), one weight per class, 'balanced' "
+        "(inverse class frequency from class_counts) or null")
     gamma: float = Field(default=2.0, ge=0.0)
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     class_counts: list[int] | None = Field(default=None, description="filled from the train split when null")
@@ -126,9 +142,27 @@ class GuidanceConfig(StrictModel):
         return 4 if self.method != "none" and self.mode == "channel" else 3
 
 
-class TrainConfig(StrictModel):
-    """``breakhis-ray train``: a classifier on prepared shards with Ray Train."""
+class CalibrationSection(StrictModel):
+    """Post-hoc calibration of the trained classifier.
 
+    ``temperature_scaling``: after training, one temperature ``T`` (logits / T) is fitted on the validation
+    split for the best and the latest checkpoint by minimising the negative log-likelihood, and saved in their
+    ``meta.json`` (``calibration: {"temperature": T}``); ``infer`` then writes calibrated probabilities.
+    """
+
+    temperature_scaling: bool = False
+    num_cpus: float = Field(default=1.0, gt=0.0, description="CPUs of the Ray task that fits T")
+    num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs of the Ray task that fits T")
+
+
+class TrainConfig(StrictModel):
+    """``breakhis-ray train``: a classifier on prepared shards with Ray Train.
+
+    ``task``: ``binary`` (benign / malignant) or ``subtype`` (the eight BreakHis subtypes, from the shards'
+    ``subtype`` column; the model gets eight outputs and its checkpoint records the class names).
+    """
+
+    task: Literal["binary", "subtype"] = "binary"
     data: DataConfig
     guidance: GuidanceConfig = GuidanceConfig()
     model: ModelConfig = ModelConfig()
@@ -136,5 +170,7 @@ class TrainConfig(StrictModel):
     train: OptimConfig = OptimConfig()
     scaling: ScalingSection = ScalingSection()
     run: RunSection = RunSection()
+    calibration: CalibrationSection = CalibrationSection()
+    tracking: TrackingSection = TrackingSection()
     ray: RayConfig = RayConfig()
 

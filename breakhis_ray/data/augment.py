@@ -11,18 +11,23 @@ saturation).
 Randomness and reproducibility
 ------------------------------
 Every row gets its own ``numpy.random.Generator`` seeded by ``(seed, epoch, key)``
-(:func:`sample_rngs`), where ``key`` is a stable 64-bit hash of the row's ``path`` (:func:`path_keys`) and
-``epoch`` is the epoch-varying entropy. Inside a Ray Data pipeline (:class:`RandomAugment`) ``epoch`` is
-Ray Data's execution index of the dataset (the counter behind
-``RandomSeedConfig(reseed_after_execution=True)``): it starts at 0 for a new dataset and grows by one each
-time the dataset is executed, i.e. each epoch, in the driver and in Ray Train's split coordinator alike.
-Hence, with ``DataConfig.seed`` set:
+(:func:`sample_rngs`), where ``key`` is a stable 64-bit hash of the row's ``path`` (:func:`path_keys`: the
+same whatever block, batch or worker the row lands in) and ``epoch`` is the 0-based training epoch. Inside a
+Ray Data pipeline (:class:`RandomAugment`) ``epoch`` is Ray Data's execution index of the dataset (the
+counter behind ``RandomSeedConfig(reseed_after_execution=True)``, which grows by one each time the dataset is
+executed, i.e. each epoch, in the driver and in Ray Train's split coordinator alike) minus the index the
+dataset had when the pipeline was built (``first_execution``). Every augmented row carries the epoch it was
+drawn for in an ``aug_epoch`` column, and the training loop checks it against its own epoch. Hence, with
+``DataConfig.seed`` set:
 
 * every epoch draws different augmentations (the execution index changes);
 * a run repeated with the same seed and data reproduces them image by image, whatever the batch
   composition, block order or number of workers (each row has its own stream);
-* any extra execution of the training dataset (e.g. ``count()``, ``take()`` on it) advances the index,
-  and a run resumed from a checkpoint starts counting again from 0.
+* a resumed run lines the index up with its epoch first (a restarted worker group gets a fresh split
+  coordinator whose index starts where the driver's dataset was): the loop executes the dataset once, briefly,
+  per epoch already done (:func:`breakhis_ray.data.pipeline.advance_epochs`);
+* any extra execution of the training dataset (e.g. ``count()``, ``take()`` on it) advances the index: the
+  ``aug_epoch`` check then stops the run instead of silently training on another epoch's draws.
 
 With ``seed=None`` each batch draws fresh OS entropy: epochs differ, runs are not reproducible.
 
@@ -59,13 +64,20 @@ def path_keys(paths: Sequence[str]) -> np.ndarray:
     return out
 
 
-def execution_index() -> int:
-    """Ray Data's execution index of the dataset being computed (0 outside a Ray Data task)."""
-    try:
-        from ray.data import DataContext
-    except ImportError:  # pragma: no cover - ray is a hard dependency
-        return 0
-    return int(getattr(DataContext.get_current(), "_execution_idx", 0) or 0)
+def execution_index(context: Any = None) -> int:
+    """Ray Data's execution index of the dataset being computed (0 outside a Ray Data task), or of the
+    ``DataContext`` given (a dataset's ``ds.context``)."""
+    if context is None:
+        try:
+            from ray.data import DataContext
+        except ImportError:  # pragma: no cover - ray is a hard dependency
+            return 0
+        context = DataContext.get_current()
+    return int(getattr(context, "_execution_idx", 0) or 0)
+
+
+def _with_epoch(out: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
+    return {**out, "aug_epoch": np.full(len(out["image"]), epoch, dtype=np.int64)}
 
 
 def sample_rngs(seed: int, epoch: int, keys: Sequence[int]) -> list[np.random.Generator]:
@@ -170,21 +182,24 @@ def augment_batch(
 class RandomAugment:
     """Ray Data ``map_batches`` function: :func:`augment_batch` with per-row, per-epoch generators.
 
-    Rows need ``image`` and, when ``seed`` is set, ``key`` (:func:`path_keys`). See the module docstring for
-    how epochs differ and runs reproduce.
+    Rows need ``image`` and, when ``seed`` is set, ``key`` (:func:`path_keys`); rows leave with ``aug_epoch``
+    (execution index minus ``first_execution``). See the module docstring for how epochs differ and runs
+    reproduce.
     """
 
-    def __init__(self, cfg: AugmentConfig | Mapping[str, Any] | None, seed: int | None):
+    def __init__(self, cfg: AugmentConfig | Mapping[str, Any] | None, seed: int | None, first_execution: int = 0):
         self.cfg = _as_cfg(cfg).model_dump()
         self.seed = seed
+        self.first_execution = int(first_execution)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg = AugmentConfig.model_validate(self.cfg)
+        epoch = execution_index() - self.first_execution
         if self.seed is None:
-            return augment_batch(batch, cfg, np.random.default_rng())
+            return _with_epoch(augment_batch(batch, cfg, np.random.default_rng()), epoch)
         if "key" not in batch:
             raise DataError("seeded augmentation needs a 'key' column (stable per-row hash of 'path')")
-        return augment_batch(batch, cfg, sample_rngs(self.seed, execution_index(), batch["key"]))
+        return _with_epoch(augment_batch(batch, cfg, sample_rngs(self.seed, epoch, batch["key"])), epoch)
 
 
 # ------------------------------------------------------------------------------------ image/mask pairs
@@ -228,26 +243,28 @@ def augment_pairs(batch: dict[str, np.ndarray], cfg: AugmentConfig, rngs: Sequen
 
 class PairAugment:
     """Ray Data ``map_batches`` function: :func:`augment_pairs` with per-row, per-epoch generators seeded as
-    :class:`RandomAugment` seeds them (``seed``, execution index, row ``key``).
+    :class:`RandomAugment` seeds them (``seed``, epoch, row ``key``); rows leave with ``aug_epoch``.
     The ``key`` column is consumed when ``drop_key`` is set."""
 
     def __init__(self, cfg: AugmentConfig | Mapping[str, Any] | None, seed: int | None,
-                 pixel_columns: Sequence[str] = ("mask",), drop_key: bool = True):
+                 pixel_columns: Sequence[str] = ("mask",), drop_key: bool = True, first_execution: int = 0):
         self.cfg = _as_cfg(cfg).model_dump()
         self.seed = seed
         self.pixel_columns = tuple(pixel_columns)
         self.drop_key = drop_key
+        self.first_execution = int(first_execution)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg = AugmentConfig.model_validate(self.cfg)
         n = len(batch["image"])
+        epoch = execution_index() - self.first_execution
         if self.seed is None:
             rngs = list(np.random.default_rng().spawn(n))
         else:
             if "key" not in batch:
                 raise DataError("seeded augmentation needs a 'key' column (stable per-row hash of 'path')")
-            rngs = sample_rngs(self.seed, execution_index(), batch["key"])
+            rngs = sample_rngs(self.seed, epoch, batch["key"])
         out = augment_pairs(batch, cfg, rngs, self.pixel_columns)
         if self.drop_key:
             out = {k: v for k, v in out.items() if k != "key"}
-        return out
+        return _with_epoch(out, epoch)

@@ -35,28 +35,40 @@ Conversions (recorded as ``converted_from`` by ``prepare``; ``None`` for 8-bit R
 * 16-bit-per-channel PNGs (``RGB;16``, ``RGBA;16``, ``LA;16``) are reduced to 8 bits by PIL;
 * multi-frame files use their first frame.
 
-A faster PNG backend (libspng, OpenCV, imagecodecs) slots in behind :func:`_decode_png_fast`: it sees only
-8-bit RGB PNGs whose header passed the size guard, and any failure falls back to PIL, which then decides
-the rejection, so the vocabulary stays the same whichever backend decoded.
+PNG backends
+------------
+8-bit RGB PNGs (every BreakHis image) whose header passed the size guard go to a faster decoder when one is
+installed: ``imagecodecs`` (its libspng, CRC and Adler-32 checked) or ``opencv`` (``cv2.imdecode``, libpng);
+everything else, and any image a backend declines or fails on, goes through PIL, which then decides the
+rejection, so the vocabulary stays the same whichever backend decoded. (``pyspng`` was measured too and left
+out: it turns libspng's checksum checks off, so it returns altered pixels for PNGs whose data PIL rejects
+as corrupt.) A backend returns the
+same pixels as PIL or nothing (``tests/test_decode.py`` compares every installed backend with PIL on a corpus
+of RGB, RGBA, grey, palette, 16-bit, interlaced, EXIF-rotated and damaged PNGs). The backend is chosen per call
+(``backend=``, from the stages' ``decode.backend``), else by ``$BREAKHIS_DECODE_BACKEND``, else ``auto``:
+the first installed of :data:`FAST_BACKENDS`, ordered by measured speed (:func:`backend_rates`), else PIL.
 
-No Ray, no torch: this module imports numpy, PIL (lazily), :mod:`breakhis_ray.errors` and the default
-``max_pixels`` from :mod:`breakhis_ray.config.common`.
+No Ray, no torch: this module imports numpy, PIL and the backends (lazily), :mod:`breakhis_ray.errors` and
+the default ``max_pixels`` and backend names from :mod:`breakhis_ray.config.common`.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import os
 import struct
+import time
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 
 # The one default decompression-bomb guard (width * height), shared with every stage's config.
-from breakhis_ray.config.common import DEFAULT_MAX_PIXELS
-from breakhis_ray.errors import DataError
+from breakhis_ray.config.common import DECODE_BACKENDS, DEFAULT_MAX_PIXELS
+from breakhis_ray.errors import ConfigError, DataError
 
 #: Every reason :func:`decode_rgb` may give, and the ``infer`` error kind each maps to.
 ERROR_KINDS = {
@@ -185,13 +197,104 @@ def image_size(source: bytes | BinaryIO) -> tuple[int, int]:
     return header.width, header.height
 
 
-def _decode_png_fast(data: bytes) -> np.ndarray | None:
-    """Hook for a faster PNG backend: uint8 ``(H, W, 3)`` of an 8-bit RGB PNG, or ``None`` to let PIL decode.
+# ------------------------------------------------------------------------------------------ PNG backends
+#: Fast PNG backends, in the order ``auto`` tries them: fastest first, as measured on synthetic 700x460
+#: BreakHis PNGs (per-core rates in ``docs/BENCHMARKS.md``; ``breakhis-ray bench`` reports them again).
+FAST_BACKENDS = ("imagecodecs", "opencv")
+#: Where ``pip`` finds each backend.
+BACKEND_PACKAGES = {"imagecodecs": "imagecodecs", "opencv": "opencv-python-headless"}
+#: Environment variable that picks the backend where a stage's config says ``auto`` (``pil`` forces PIL).
+BACKEND_ENV = "BREAKHIS_DECODE_BACKEND"
 
-    Called only after the header passed the ``max_pixels`` guard. It may raise; PIL then decodes the same
-    bytes and decides the outcome. No fast backend is installed today.
-    """
-    return None
+
+def _imagecodecs() -> Callable[[bytes], np.ndarray]:
+    import imagecodecs
+
+    # libspng with its default checks (chunk CRCs, zlib's Adler-32): damaged data raises, and PIL decides
+    return imagecodecs.spng_decode if imagecodecs.SPNG.available else imagecodecs.png_decode
+
+
+def _opencv() -> Callable[[bytes], np.ndarray]:
+    import cv2
+
+    # EXIF orientation ignored, as PIL does; RGB order straight from the decoder where OpenCV offers it.
+    rgb = getattr(cv2, "IMREAD_COLOR_RGB", None)
+    flags = (rgb if rgb is not None else cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
+
+    def load(data: bytes) -> np.ndarray:
+        out = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+        return out if out is None or rgb is not None else out[..., ::-1]
+
+    return load
+
+
+_LOADERS = {"imagecodecs": _imagecodecs, "opencv": _opencv}
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_function(name: str) -> Callable[[bytes], np.ndarray] | None:
+    """The decode function of an installed backend, ``None`` when its package does not import."""
+    try:
+        return _LOADERS[name]()
+    except ImportError:
+        return None
+
+
+def available_backends() -> list[str]:
+    """``pil`` and every fast backend whose package is installed here, in ``auto``'s order."""
+    return ["pil", *(name for name in FAST_BACKENDS if _backend_function(name) is not None)]
+
+
+def resolve_backend(backend: str | None = None) -> str:
+    """The backend a call with ``backend`` uses: an explicit name as is (it must be installed), else
+    (``None``/``auto``) ``$BREAKHIS_DECODE_BACKEND`` if set, else the first installed of
+    :data:`FAST_BACKENDS`, else ``pil``. Raises :class:`~breakhis_ray.errors.ConfigError` for an unknown or
+    uninstalled name."""
+    name = backend or "auto"
+    if name == "auto":
+        name = os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
+    if name not in DECODE_BACKENDS:
+        raise ConfigError(f"unknown decode backend {name!r}; choose from {', '.join(DECODE_BACKENDS)}")
+    if name == "auto":
+        return next((n for n in FAST_BACKENDS if _backend_function(n) is not None), "pil")
+    if name != "pil" and _backend_function(name) is None:
+        raise ConfigError(f"decode backend {name!r} is not installed here (pip install {BACKEND_PACKAGES[name]}); "
+                          f"installed: {', '.join(available_backends())}")
+    return name
+
+
+def _is_png_rgb8(data: bytes) -> bool:
+    """The IHDR says 8-bit truecolour (colour type 2): what PIL opens as mode ``RGB`` without conversion."""
+    return data.startswith(PNG_SIGNATURE) and len(data) >= 26 and data[12:16] == b"IHDR" and data[24:26] == b"\x08\x02"
+
+
+def _decode_png_fast(data: bytes, backend: str) -> np.ndarray | None:
+    """uint8 ``(H, W, 3)`` of an 8-bit RGB PNG from ``backend``, or ``None`` to let PIL decode (any other PNG,
+    ``pil``, or output that is not 8-bit RGB). May raise; PIL then decodes the same bytes and decides.
+    Called only after the header passed the ``max_pixels`` guard."""
+    if backend == "pil" or not _is_png_rgb8(data):
+        return None
+    function = _backend_function(backend)
+    out = function(data) if function is not None else None
+    if out is None or out.dtype != np.uint8 or out.ndim != 3 or out.shape[2] != 3:
+        return None
+    return out
+
+
+def backend_rates(blobs: Sequence[bytes], backends: Sequence[str] | None = None, repeats: int = 3,
+                  ) -> dict[str, float]:
+    """Images per second on one core of each backend (default: every installed one) on ``blobs``, bytes in
+    memory, through :func:`decode` (header, guard and checks included); the best of ``repeats`` passes,
+    interleaved so that load from other processes hits every backend alike."""
+    names = list(backends) if backends is not None else available_backends()
+    best = {name: float("inf") for name in names}
+    for _ in range(max(1, repeats)):
+        for name in names:
+            start = time.perf_counter()
+            for data in blobs:
+                decode(data, backend=name)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: round(len(blobs) / max(seconds, 1e-9), 1) for name, seconds in best.items()}
 
 
 def _to_rgb(img, data: bytes) -> tuple[np.ndarray, str | None]:
@@ -221,21 +324,22 @@ def _to_rgb(img, data: bytes) -> tuple[np.ndarray, str | None]:
                             f"({_one_line(exc)})") from None
 
 
-def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, backend: str | None = None) -> Decoded:
     """:func:`decode_rgb` with what the pixels were converted from and the source format (for ``prepare``).
 
     Raises :class:`ImageRejected`.
     """
     data = _check_bytes(data)
+    name = resolve_backend(backend)
     with _open(data) as img:
         width, height = img.size
         if width * height > max_pixels:
             raise ImageRejected("too_large", f"{width}x{height} = {width * height} pixels exceeds "
                                 f"max_pixels={max_pixels} (decompression-bomb guard)")
         fmt = img.format
-        if fmt == "PNG" and img.mode == "RGB" and _png_bit_depth(data) == 8:
+        if name != "pil" and fmt == "PNG" and img.mode == "RGB" and _png_bit_depth(data) == 8:
             try:
-                fast = _decode_png_fast(data)
+                fast = _decode_png_fast(data, name)
             except Exception:  # noqa: BLE001 - any backend failure: PIL decides below
                 fast = None
             if fast is not None and fast.shape == (height, width, 3) and fast.dtype == np.uint8:
@@ -248,19 +352,20 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     return Decoded(np.ascontiguousarray(pixels, dtype=np.uint8), converted_from=converted, format=fmt)
 
 
-def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, backend: str | None = None) -> np.ndarray:
     """Encoded image bytes (PNG, JPEG, TIFF, WebP, ...) -> ``uint8 (H, W, 3)`` RGB.
 
     Raises :class:`ImageRejected` (a :class:`~breakhis_ray.errors.DataError`) with one of :data:`REASONS`;
-    the pixel count is checked from the header before anything is decoded.
+    the pixel count is checked from the header before anything is decoded. ``backend``: see
+    :func:`resolve_backend` (the pixels do not depend on it).
     """
-    return decode(data, max_pixels=max_pixels).pixels
+    return decode(data, max_pixels=max_pixels, backend=backend).pixels
 
 
-def try_decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+def try_decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, backend: str | None = None) -> Decoded:
     """:func:`decode_rgb` for callers that record failures as rows: never raises for a bad image."""
     try:
-        return decode(data, max_pixels=max_pixels)
+        return decode(data, max_pixels=max_pixels, backend=backend)
     except ImageRejected as rej:
         return Decoded(None, rej.reason, rej.detail)
 
@@ -284,17 +389,22 @@ def decode_labels(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nd
 
 
 __all__ = [
+    "BACKEND_ENV",
     "DEFAULT_MAX_PIXELS",
     "ERROR_KINDS",
+    "FAST_BACKENDS",
     "REASONS",
     "Decoded",
     "ImageHeader",
     "ImageRejected",
+    "available_backends",
+    "backend_rates",
     "decode",
     "decode_labels",
     "decode_rgb",
     "error_text",
     "image_size",
     "read_header",
+    "resolve_backend",
     "try_decode",
 ]

@@ -14,6 +14,9 @@ rounds repeat the geometric transforms with new jitter draws (``rot90+hed_jitter
 Which images are copied: the deficit of a (magnification, class) cell is spread round-robin over that cell's
 training images in a seeded order, so every source gets ``floor`` or ``ceil`` of deficit/sources copies and
 patients are covered evenly. Everything is a pure function of the valid images, the config and the seed.
+
+The classes are the binary labels (``balance: label``) or the eight subtypes (``balance: subtype``, for the
+subtype task: every subtype of a magnification is brought up to the largest one, or to ``target``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import pandas as pd
 from breakhis_ray.config import EnhanceConfig
 from breakhis_ray.data.augment import hed_jitter, path_keys
 from breakhis_ray.data.manifest import class_magnification_table
-from breakhis_ray.domain import LABEL_IDS, LABELS
+from breakhis_ray.domain import LABEL_IDS, LABELS, SUBTYPE_CLASSES
 from breakhis_ray.errors import DataError
 
 GEOMETRIC = ("hflip", "vflip", "rot90", "rot180", "rot270")
@@ -100,29 +103,32 @@ def apply_recipe(img: np.ndarray, rec: Recipe, seed: int, source_path: str) -> n
 def plan_enhancement(valid: pd.DataFrame, cfg: EnhanceConfig) -> tuple[pd.DataFrame, list[str]]:
     """Copies to make from the valid originals of one fold.
 
-    ``valid`` needs ``path, label, magnification, split, image_width, image_height``. Returns a frame
-    ``source_path, augmentation, path, copy`` (sorted by source path, then copy index) and notes to print
-    (cells that could not reach their target).
+    ``valid`` needs ``path, label, magnification, split, image_width, image_height`` (and ``subtype`` for
+    ``balance: subtype``). Returns a frame ``source_path, augmentation, path, copy`` (sorted by source path,
+    then copy index) and notes to print (cells that could not reach their target).
     """
     columns = ["source_path", "augmentation", "path", "copy"]
     notes: list[str] = []
     if not cfg.enabled or valid.empty:
         return pd.DataFrame(columns=columns), notes
+    column, classes = ("subtype", SUBTYPE_CLASSES) if cfg.balance == "subtype" else ("label", LABELS)
+    # seed stream per class: the binary labels keep their ids; subtypes follow them (2, 3, ...)
+    class_keys = dict(LABEL_IDS) if column == "label" else {c: len(LABELS) + i for i, c in enumerate(classes)}
     train = valid[valid["split"] == "train"]
     rows: list[tuple[str, str, str, int]] = []
     for mag in sorted(int(m) for m in train["magnification"].unique()):
         cell = train[train["magnification"] == mag]
-        counts = {label: int((cell["label"] == label).sum()) for label in LABELS}
+        counts = {label: int((cell[column] == label).sum()) for label in classes}
         target = max(counts.values()) if cfg.target == "balance" else int(cfg.target)
-        for label in LABELS:
+        for label in classes:
             deficit = target - counts[label]
             if deficit <= 0:
                 continue
-            sources = cell[cell["label"] == label].sort_values("path", kind="stable")
+            sources = cell[cell[column] == label].sort_values("path", kind="stable")
             if sources.empty:
                 notes.append(f"{mag}X {label}: no training image to copy (target {target})")
                 continue
-            rng = np.random.default_rng([int(cfg.seed) & _MASK64, mag, LABEL_IDS[label]])
+            rng = np.random.default_rng([int(cfg.seed) & _MASK64, mag, class_keys[label]])
             order = sources.iloc[rng.permutation(len(sources))]
             paths = order["path"].tolist()
             squares = (order["image_width"] == order["image_height"]).tolist()
@@ -150,6 +156,17 @@ def distribution(df: pd.DataFrame) -> dict[str, dict[str, int]]:
     table = class_magnification_table(df)
     return {str(row): {str(col): int(v) for col, v in values.items()} for row, values in
             table.to_dict(orient="index").items()}
+
+
+def subtype_distribution(df: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Images per magnification x subtype, as ``{"40X": {"adenosis": n, ..., "Total": n}}`` (no total row)."""
+    out: dict[str, dict[str, int]] = {}
+    for mag in sorted(int(m) for m in df["magnification"].unique()) if len(df) else []:
+        cell = df[df["magnification"] == mag]
+        row = {name: int((cell["subtype"] == name).sum()) for name in SUBTYPE_CLASSES}
+        row["Total"] = int(len(cell))
+        out[f"{mag}X"] = row
+    return out
 
 
 def format_distribution(df: pd.DataFrame, title: str) -> str:

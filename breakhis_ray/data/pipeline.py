@@ -2,16 +2,25 @@
 
 Per split (``train`` / ``val`` / ``test`` of the fold the shards were prepared for)::
 
-    read_parquet(<shards>/shards, only the needed columns)     projection pushed into the scan
+    read_parquet(<shards>/shards, only the needed columns)     projection pushed into the scan; blocks of
+                                                               ~decode_batch_size rows, streamed as read
       -> filter split, magnifications[, offline-augmented]    predicate pushed into the scan
-      -> repartition(decode_batch_size) -> map_batches(DecodeBatch)   deterministic: decode, resize, stain-norm
+      -> map_batches(DecodeBatch)                              deterministic: decode, resize, stain-norm
       -> repartition(block_rows)                               train, shuffle="blocks": small blocks
       -> materialize()                                         train and val: decoded once, cached
       -> randomize_block_order / random_shuffle                train: a new order every epoch
       -> map_batches(RandomAugment)                            train: new random draws every epoch
 
-Rows leaving the pipeline: ``image`` (uint8 H x W x 3), ``label`` (int64: 0 benign, 1 malignant),
-``magnification`` (int64); train also ``key`` (int64 hash of ``path``, seeds per-row augmentation);
+Determinism (``DataConfig.seed`` set): train and val run :func:`ordered` (Ray Data's ``preserve_order``:
+blocks leave every stage, and Ray Train's split of ``train`` hands them to the ranks, in an order that does
+not depend on which task finishes first); the per-epoch block order and augmentation are
+seeded by ``(seed, epoch)`` and the augmentation per row by its ``path`` (:mod:`breakhis_ray.data.augment`),
+so the same config, seed and worker count give every rank the same batches, epoch after epoch. A resumed run
+first advances the dataset to its epoch (:func:`advance_epochs`); every training batch is checked against
+the epoch its rows were augmented for (``aug_epoch``).
+
+Rows leaving the pipeline: ``image`` (uint8 H x W x 3), ``label`` (int64: 0 benign, 1 malignant; for
+``task="subtype"`` the subtype's index in :data:`~breakhis_ray.domain.SUBTYPE_CLASSES`), ``magnification`` (int64); train also ``key`` (int64 hash of ``path``, seeds per-row augmentation);
 val/test also ``DataConfig.eval_columns`` (default ``path``, ``patient_id``: strings, for per-image and
 patient-level metrics). Normalisation to float happens in the training loop (:func:`iter_train_batches`
 calls :func:`breakhis_ray.data.transforms.normalize` on the device), so the cache holds compact uint8.
@@ -23,6 +32,8 @@ The test set is left lazy (read once per evaluation).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -30,9 +41,10 @@ import numpy as np
 
 from breakhis_ray import storage
 from breakhis_ray.config import DataConfig
-from breakhis_ray.data.augment import RandomAugment, path_keys
+from breakhis_ray.data.augment import RandomAugment, execution_index, path_keys
 from breakhis_ray.data.decode import DEFAULT_MAX_PIXELS, ImageRejected, decode_rgb
 from breakhis_ray.data.transforms import PreprocessSpec, normalize, prepare_uint8
+from breakhis_ray.domain import SUBTYPE_CLASSES
 from breakhis_ray.errors import DataError
 
 if TYPE_CHECKING:
@@ -43,6 +55,9 @@ SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("image", "label_id", "magnification", "split", "path")
 #: Columns a training batch hands to the model (``mask`` is added for 4-channel inputs).
 TRAIN_COLUMNS = ("image", "label")
+#: Shard column the class of each task comes from.
+LABEL_SOURCE = {"binary": "label_id", "subtype": "subtype"}
+_SUBTYPE_IDS = {name: i for i, name in enumerate(SUBTYPE_CLASSES)}
 
 # augmented train dataset -> the materialized dataset it draws from (class counts without augmenting)
 _BASES: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
@@ -65,9 +80,8 @@ def preprocess_spec(cfg: DataConfig, mean=None, std=None) -> PreprocessSpec:
 
 # ------------------------------------------------------------------------------------------- decode stage
 def _max_pixels(cfg: DataConfig) -> int:
-    """The decompression-bomb guard for training decode: ``cfg.decode.max_pixels``, else the one default."""
-    decode = getattr(cfg, "decode", None)  # TODO: read cfg.decode directly once DataConfig has a DecodeSection
-    return int(decode.max_pixels) if decode is not None else DEFAULT_MAX_PIXELS
+    """The decompression-bomb guard for training decode: ``cfg.decode.max_pixels``."""
+    return int(cfg.decode.max_pixels)
 
 
 class DecodeBatch:
@@ -76,14 +90,28 @@ class DecodeBatch:
     Decodes with :func:`breakhis_ray.data.decode.decode_rgb` (the same decisions and conversions as
     ``prepare`` and ``infer``); a row that cannot be decoded stops the run with
     :class:`~breakhis_ray.data.decode.ImageRejected` naming the row, since training has no reject table.
+    ``backend``: the PNG decoder (``DataConfig.decode.backend``; resolved in the worker that decodes).
     """
 
     def __init__(self, spec: dict[str, Any], keep: Sequence[str] = (), with_key: bool = False,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, task: str = "binary", backend: str | None = None):
         self.spec = dict(spec)
         self.keep = tuple(keep)
         self.with_key = with_key
         self.max_pixels = int(max_pixels)
+        self.backend = backend
+        if task not in LABEL_SOURCE:
+            raise DataError(f"unknown task {task!r}; choose from {', '.join(LABEL_SOURCE)}")
+        self.task = task
+
+    def _labels(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        if self.task == "binary":
+            return np.asarray(batch["label_id"]).astype(np.int64)
+        names = [str(s) for s in batch["subtype"]]
+        unknown = sorted(set(names) - set(_SUBTYPE_IDS))
+        if unknown:
+            raise DataError(f"shard rows have subtype(s) {unknown}; the subtype task knows {list(SUBTYPE_CLASSES)}")
+        return np.asarray([_SUBTYPE_IDS[n] for n in names], dtype=np.int64)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = PreprocessSpec.from_dict(self.spec)
@@ -92,13 +120,13 @@ class DecodeBatch:
         images = np.empty((len(encoded), height, width, 3), dtype=np.uint8)
         for i, data in enumerate(encoded):
             try:
-                pixels = decode_rgb(data, max_pixels=self.max_pixels)
+                pixels = decode_rgb(data, max_pixels=self.max_pixels, backend=self.backend)
             except ImageRejected as rej:
                 raise ImageRejected(rej.reason, f"shard row {paths[i]}: {rej.detail}") from None
             images[i] = prepare_uint8(pixels, spec)
         out = {
             "image": images,
-            "label": np.asarray(batch["label_id"]).astype(np.int64),
+            "label": self._labels(batch),
             "magnification": np.asarray(batch["magnification"]).astype(np.int64),
         }
         if self.with_key:
@@ -130,11 +158,57 @@ def shard_columns(cfg: DataConfig) -> list[str]:
     return names
 
 
+#: Ray Data reads Parquet footers on this many actors per read (default 32: one Python process each, started for
+#: every execution; on a 2-core machine their start-up took ~12 s of each pass, next to ~3 s of decoding).
+_FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+
+
+def _read_layout(cfg: DataConfig) -> tuple[int, int]:
+    """``(shard files, encoded bytes per row)``: the bytes from the first file's footer (``image`` column)."""
+    import pyarrow.parquet as pq
+
+    files = storage.list_files(shards_uri(cfg), suffixes=[".parquet"])
+    if not files:
+        raise DataError(f"no Parquet shards under {shards_uri(cfg)}")
+    fs, path = storage.resolve(files[0])
+    try:
+        meta = pq.read_metadata(path, filesystem=fs)
+    except OSError as exc:
+        raise DataError(f"cannot read Parquet footer of {files[0]}: {str(exc).splitlines()[0]}") from None
+    columns = [i for i in range(meta.num_columns) if meta.schema.column(i).path.split(".")[0] == "image"]
+    total = sum(meta.row_group(g).column(i).total_uncompressed_size
+                for g in range(meta.num_row_groups) for i in columns)
+    return len(files), max(1, total // max(1, meta.num_rows))
+
+
+@contextlib.contextmanager
+def _read_settings(block_bytes: int, footer_readers: int):
+    """While a read is planned: Ray Data's target block size (kept by the dataset, whose read then streams
+    blocks of that size as the file is read) and the number of footer-reading actors."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved_block, saved_env = ctx.target_max_block_size, os.environ.get(_FOOTER_READERS_ENV)
+    ctx.target_max_block_size = block_bytes
+    if saved_env is None:  # an explicit setting of the user's wins
+        os.environ[_FOOTER_READERS_ENV] = str(footer_readers)
+    try:
+        yield
+    finally:
+        ctx.target_max_block_size = saved_block
+        if saved_env is None:
+            os.environ.pop(_FOOTER_READERS_ENV, None)
+
+
 def read_split(
     cfg: DataConfig, split: str | None, keep: Sequence[str] = (), columns: Sequence[str] | None = None
 ):
     """Lazy dataset of one split's shard rows (``None``: every split, originals only): only the needed
-    columns, filters pushed into the scan. ``columns``: the shard's column names if already known."""
+    columns, filters pushed into the scan. ``columns``: the shard's column names if already known.
+
+    The read streams blocks of about ``decode_batch_size`` rows while it reads a file, so decoding starts
+    with the first block and every core decodes without a repartition; footers are read on one actor per
+    ten shard files (at most 32)."""
     import ray.data
     from ray.data.expressions import col, lit
 
@@ -147,7 +221,9 @@ def read_split(
     read_args: dict[str, Any] = {}
     if cfg.read_num_cpus is not None:
         read_args["num_cpus"] = cfg.read_num_cpus
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=wanted, **read_args)
+    n_files, row_bytes = _read_layout(cfg)
+    with _read_settings(max(1 << 16, cfg.decode_batch_size * row_bytes), min(32, -(-n_files // 10))):
+        ds = ray.data.read_parquet(path, filesystem=fs, columns=wanted, **read_args)
     predicates = [] if split is None else [col("split") == lit(split)]
     if cfg.magnifications != "all":
         predicates.append(col("magnification").is_in(list(cfg.magnifications)))
@@ -161,15 +237,17 @@ def read_split(
     return ds.filter(expr=predicate)
 
 
-def decode_stage(cfg: DataConfig, ds, spec: PreprocessSpec, keep: Sequence[str] = (), with_key: bool = False):
-    """The deterministic ``map_batches(DecodeBatch)`` stage on rows from :func:`read_split`.
+def decode_stage(cfg: DataConfig, ds, spec: PreprocessSpec, keep: Sequence[str] = (), with_key: bool = False,
+                 task: str = "binary"):
+    """The deterministic ``map_batches(DecodeBatch)`` stage on rows from :func:`read_split` (which must carry
+    ``LABEL_SOURCE[task]``).
 
-    Shard files are read one task each (~1k images); a streaming repartition into blocks of
-    ``decode_batch_size`` rows first lets every core decode, however few files there are.
+    :func:`read_split` already streams blocks of about ``decode_batch_size`` rows (a shard file holds ~1k
+    images), so every core decodes, however few files there are, without a repartition of each file's rows.
     """
-    ds = ds.repartition(target_num_rows_per_block=cfg.decode_batch_size)
     return ds.map_batches(
-        DecodeBatch(spec.to_dict(), keep=keep, with_key=with_key, max_pixels=_max_pixels(cfg)),
+        DecodeBatch(spec.to_dict(), keep=keep, with_key=with_key, max_pixels=_max_pixels(cfg), task=task,
+                    backend=cfg.decode.backend),
         batch_size=cfg.decode_batch_size,
         batch_format="numpy",
         num_cpus=cfg.decode_num_cpus,
@@ -184,14 +262,37 @@ def _seed_config(seed: int | None):
     return RandomSeedConfig(seed=seed, reseed_after_execution=True)
 
 
+def ordered(ds, enabled: bool = True):
+    """``ds`` with Ray Data's ``preserve_order`` set in its ``DataContext`` (shared by the datasets derived from
+    it, copied by ``materialize()``): blocks leave every stage in input order, whichever task finishes first,
+    so a materialized cache holds its rows in the same order run after run. Ray Train re-applies its ingest
+    options to the datasets it splits: :func:`breakhis_ray.train.ray_glue.make_trainer` asks for the same
+    there. Unchanged when ``enabled`` is false."""
+    if enabled:
+        ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def advance_epochs(shard, epochs: int) -> None:
+    """Execute ``shard`` (a dataset or Ray Train shard iterator) ``epochs`` times, stopping each at its first
+    batch: a resumed run's fresh split coordinator then draws the per-epoch block order and augmentation of
+    the epoch the run resumes at. Every rank must call it with the same ``epochs`` (each execution of a
+    split dataset waits for all of them)."""
+    for _ in range(epochs):
+        for _ in shard.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+            break
+
+
 def build_datasets(
     cfg: DataConfig,
     spec: PreprocessSpec | None = None,
     *,
     after_decode: Callable[[Any], Any] | None = None,
     augment_udf: Any = None,
+    task: str = "binary",
 ) -> dict[str, "ray.data.Dataset"]:
-    """``{"train", "val", "test"}`` datasets of uint8 images (see the module docstring for the stages).
+    """``{"train", "val", "test"}`` datasets of uint8 images (see the module docstring for the stages);
+    ``label`` holds the class of ``task`` (``binary`` or ``subtype``).
 
     ``after_decode`` adds a deterministic stage to every split before ``materialize()`` (segmentation
     guidance adds a nuclei-mask column there); ``augment_udf`` replaces the random augmentation (one that
@@ -203,8 +304,12 @@ def build_datasets(
         raise DataError(f"preprocess size {spec.size} differs from data.image_size {cfg.image_size}")
     names = shard_columns(cfg)
     keep = list(cfg.eval_columns)
+    source = [LABEL_SOURCE.get(task, "label_id")]
+    if source[0] not in names:
+        raise DataError(f"shards at {shards_uri(cfg)} lack column {source[0]!r} (needed by task={task})")
 
-    train = after_decode(decode_stage(cfg, read_split(cfg, "train", columns=names), spec, keep=(), with_key=True))
+    train = after_decode(decode_stage(cfg, ordered(read_split(cfg, "train", keep=source, columns=names),
+                                                   cfg.seed is not None), spec, keep=(), with_key=True, task=task))
     if cfg.shuffle == "blocks":  # small blocks, so a new block order is a real reshuffle
         train = train.repartition(target_num_rows_per_block=cfg.block_rows)
     if cfg.materialize:
@@ -215,8 +320,10 @@ def build_datasets(
     elif cfg.shuffle == "full":
         train = train.random_shuffle(seed=_seed_config(cfg.seed))
     if cfg.augment.enabled:
+        udf = augment_udf or RandomAugment(cfg.augment, cfg.seed)
+        udf.first_execution = execution_index(train.context)  # this dataset's first execution is epoch 0
         train = train.map_batches(
-            augment_udf or RandomAugment(cfg.augment, cfg.seed),
+            udf,
             batch_size=cfg.augment.batch_size,
             batch_format="numpy",
             num_cpus=cfg.augment.num_cpus,
@@ -226,12 +333,12 @@ def build_datasets(
     if train is not base:
         _BASES[train] = base
 
-    val = after_decode(decode_stage(cfg, read_split(cfg, "val", keep=keep, columns=names), spec, keep=keep,
-                                    with_key=False))
+    val = after_decode(decode_stage(cfg, ordered(read_split(cfg, "val", keep=keep + source, columns=names),
+                                                 cfg.seed is not None), spec, keep=keep, with_key=False, task=task))
     if cfg.materialize:
         val = val.materialize()
-    test = after_decode(decode_stage(cfg, read_split(cfg, "test", keep=keep, columns=names), spec, keep=keep,
-                                     with_key=False))
+    test = after_decode(decode_stage(cfg, read_split(cfg, "test", keep=keep + source, columns=names), spec,
+                                     keep=keep, with_key=False, task=task))
     return {"train": train, "val": val, "test": test}
 
 
@@ -246,15 +353,55 @@ def class_counts(ds) -> dict[int, int]:
     return dict(sorted(counts.items()))
 
 
+def split_class_counts(cfg: DataConfig, task: str = "binary", split: str = "train") -> list[int]:
+    """Images per class of ``task`` in one split, counted from the shards' columns with :func:`read_split`'s
+    filters (magnifications; offline-augmented copies only in ``train`` with ``include_augmented``): no Ray
+    Data execution, so the pipeline's per-epoch executions and augmentation draws are left untouched."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    names = shard_columns(cfg)
+    source = LABEL_SOURCE.get(task)
+    if source is None:
+        raise DataError(f"unknown task {task!r}; choose from {', '.join(LABEL_SOURCE)}")
+    files = storage.list_files(shards_uri(cfg), suffixes=[".parquet"])
+    fs, _ = storage.resolve(files[0])
+    dataset = pads.dataset([storage.resolve(u)[1] for u in files], filesystem=fs, format="parquet")
+    wanted = pc.field("split") == split
+    if cfg.magnifications != "all":
+        wanted = wanted & pc.field("magnification").isin(list(cfg.magnifications))
+    if "augmentation" in names and (split != "train" or not cfg.include_augmented):
+        wanted = wanted & pc.field("augmentation").is_null()
+    values = dataset.to_table(columns=[source], filter=wanted).column(source).to_pylist()
+    if task == "binary":
+        return [sum(1 for v in values if int(v) == i) for i in range(2)]
+    unknown = sorted(set(values) - set(_SUBTYPE_IDS))
+    if unknown:
+        raise DataError(f"shard rows have subtype(s) {unknown}; the subtype task knows {list(SUBTYPE_CLASSES)}")
+    return [sum(1 for v in values if v == name) for name in SUBTYPE_CLASSES]
+
+
 # --------------------------------------------------------------------------------------- train-side batches
-def _collate(columns: Sequence[str], combine_chunks: bool):
+def check_epoch(aug_epochs: np.ndarray, epoch: int) -> None:
+    """Stop when a training batch of ``epoch`` holds rows augmented for another epoch (``aug_epoch``)."""
+    wrong = sorted(set(np.unique(np.asarray(aug_epochs)).tolist()) - {epoch})
+    if wrong:
+        raise DataError(f"training epoch {epoch} received rows augmented for epoch(s) {wrong}: the training "
+                        "dataset was executed outside the epoch loop (count(), take(), ...), so a resumed or "
+                        "repeated run would not draw the same augmentations")
+
+
+def tensor_collate(columns: Sequence[str], combine_chunks: bool, epoch: int | None = None):
     import torch
     from ray.data.collate_fn import DefaultCollateFn
 
     class SelectColumnsCollate(DefaultCollateFn):
-        """Keep only tensor columns (strings such as ``path`` cannot become tensors) and set dtypes."""
+        """Keep only tensor columns (strings such as ``path`` cannot become tensors) and set dtypes; check the
+        rows' ``aug_epoch`` against ``epoch`` first (in the format threads, so never a device sync)."""
 
         def __call__(self, batch):
+            if epoch is not None and "aug_epoch" in batch.column_names:
+                check_epoch(batch.column("aug_epoch").to_numpy(), epoch)
             return super().__call__(batch.select(list(columns)))
 
     dtypes = {"image": torch.uint8, "label": torch.int64, "mask": torch.uint8}
@@ -270,12 +417,16 @@ def iter_train_batches(
     in_channels: int = 3,
     drop_last: bool = False,
     shuffle_buffer: int | None = None,
+    shuffle_seed: int | None = None,
     prefetch_batches: int = 2,
+    epoch: int | None = None,
 ) -> Iterator[tuple[Any, Any]]:
     """``(x float32 (N, C, H, W), y int64 (N,))`` on ``device`` from a dataset or a Ray Train shard.
 
     Only ``image`` and ``label`` (plus ``mask`` for ``in_channels=4``: uint8 H x W, 0/255, appended as a
-    fourth channel in ``[0, 1]``) are converted; normalisation runs on ``device``.
+    fourth channel in ``[0, 1]``) are converted; normalisation runs on ``device``. ``epoch`` (training): rows
+    augmented for another epoch stop the run (:func:`check_epoch`). ``shuffle_buffer``/``shuffle_seed``: an
+    optional local shuffle (seed it per epoch and rank for a reproducible order).
     """
     import torch
 
@@ -286,9 +437,10 @@ def iter_train_batches(
     batches = shard.iter_torch_batches(
         batch_size=batch_size,
         device=device,
-        collate_fn=_collate(columns, combine_chunks=device.type == "cpu"),
+        collate_fn=tensor_collate(columns, combine_chunks=device.type == "cpu", epoch=epoch),
         drop_last=drop_last,
         local_shuffle_buffer_size=shuffle_buffer,
+        local_shuffle_seed=shuffle_seed,
         prefetch_batches=prefetch_batches,
     )
     for batch in batches:

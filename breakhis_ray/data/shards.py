@@ -43,7 +43,7 @@ import logging
 import posixpath
 import re
 from collections import Counter
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -150,7 +150,7 @@ def _process_row(fs, row: dict, ctx: dict) -> dict:
 
     source = row["source_path"]
     data = _read(fs, source)
-    decoded = decode(data, max_pixels=ctx["max_pixels"])
+    decoded = decode(data, max_pixels=ctx["max_pixels"], backend=ctx.get("decode_backend"))
     pixels, converted = decoded.pixels, decoded.converted_from
     height, width = pixels.shape[:2]
     if row.get("width") is not None and (row["width"], row["height"]) != (width, height):
@@ -286,13 +286,11 @@ def _records(df: pd.DataFrame) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------- driver side
-def _run_tasks(chunks: list[tuple[int, list[dict]]], ctx: dict, cfg: PrepareConfig, env: dict) -> list[dict]:
+def _run_tasks(chunks: list[tuple[int, list[dict]]], ctx: dict, cfg: PrepareConfig) -> list[dict]:
+    """One task per chunk; object-storage credentials come from the workers' node environment."""
     import ray
 
-    options: dict[str, Any] = {"num_cpus": cfg.task_cpus}
-    if env:
-        options["runtime_env"] = {"env_vars": env}
-    task = ray.remote(process_chunk).options(**options)
+    task = ray.remote(process_chunk).options(num_cpus=cfg.task_cpus)
     refs = [task.remote(index, rows, ctx) for index, rows in chunks]
     try:
         return ray.get(refs)
@@ -430,11 +428,10 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         "resize": wh_size(cfg.resize) if cfg.resize else None,
         "expected_size": expected,
         "max_pixels": cfg.max_pixels,
+        "decode_backend": cfg.decode.backend,
         "row_group_size": cfg.row_group_size,
         "enhance_seed": cfg.enhance.seed,
     }
-    uses_s3 = storage.is_s3(cfg.out) or any(storage.is_s3(r["path"]) for r in rows[:1])
-    env = storage.credential_env() if uses_s3 else {}
     sizes = _source_sizes([r["source_path"] for r in rows]) if cfg.shard_bytes else {}
 
     def chunked(items: list[dict], first_index: int) -> list[tuple[int, list[dict]]]:
@@ -446,7 +443,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         storage.makedirs(storage.join(cfg.out, SHARDS_DIR))
     ensure_ray(cfg.ray)
     originals = chunked(rows, 0)
-    results = _run_tasks(originals, ctx, cfg, env) if originals else []
+    results = _run_tasks(originals, ctx, cfg) if originals else []
     for res in results:
         rejects += res["rejects"]
 
@@ -458,7 +455,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     aug_results: list[dict] = []
     if not plan.empty:
         aug_rows = _copy_rows(plan, rows, valid, cfg.enhance.transforms)
-        aug_results = _run_tasks(chunked(aug_rows, len(originals)), ctx, cfg, env)
+        aug_results = _run_tasks(chunked(aug_rows, len(originals)), ctx, cfg)
         for res in aug_results:
             rejects += [{**rej, "stage": "enhance"} for rej in res["rejects"]]
 
@@ -468,10 +465,10 @@ def run_prepare(cfg: PrepareConfig) -> dict:
 
     n_written = sum(res["rows"] for res in results)
     n_aug = sum(res["rows"] for res in aug_results)
-    info = valid.set_index("path")[["label", "magnification", "split"]]
+    info = valid.set_index("path")[["label", "subtype", "magnification", "split"]]
     source_of = dict(zip(plan["path"], plan["source_path"]))
     aug_paths = [k[0] for res in aug_results for k in res["kept"]]
-    after = pd.concat([valid[["label", "magnification", "split"]],
+    after = pd.concat([valid[["label", "subtype", "magnification", "split"]],
                        info.loc[[source_of[p] for p in aug_paths]].reset_index(drop=True)], ignore_index=True)
     train_before = valid[valid["split"] == "train"]
     train_after = after[after["split"] == "train"]
@@ -496,6 +493,9 @@ def run_prepare(cfg: PrepareConfig) -> dict:
             "tab1_train": enhance.distribution(train_before),
             "tab2_train": enhance.distribution(train_after),
             "tab2_all": enhance.distribution(after),
+            **({"subtypes_train_before": enhance.subtype_distribution(train_before),
+                "subtypes_train_after": enhance.subtype_distribution(train_after)}
+               if cfg.enhance.balance == "subtype" else {}),
         },
         "enhance_notes": notes,
     }

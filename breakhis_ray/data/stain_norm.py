@@ -1,7 +1,8 @@
 """Stain normalisation of H&E tiles: Macenko (2009) and Reinhard (2001), fitted to a reference. Pure numpy.
 
 Both normalisers share one interface: ``fit(reference_uint8) -> self``, ``transform(uint8 HxWx3) -> uint8``,
-``to_dict()`` (JSON-safe fitted parameters, stored in :class:`~breakhis_ray.data.transforms.PreprocessSpec`
+``transform_float`` (the same result before its uint8 rounding: optical density or ``l-alpha-beta``, ``None``
+for a tile left unchanged), ``to_dict()`` (JSON-safe fitted parameters, stored in :class:`~breakhis_ray.data.transforms.PreprocessSpec`
 as ``stain_reference``) and construction from those parameters (:func:`get_normalizer`).
 
 * **Macenko**: optical density (Beer-Lambert, :mod:`breakhis_ray.data.stain`) of tissue pixels (every channel
@@ -55,6 +56,8 @@ class StainNormalizer(Protocol):
     def fit(self, reference: np.ndarray) -> "StainNormalizer": ...
 
     def transform(self, img: np.ndarray) -> np.ndarray: ...
+
+    def transform_float(self, img: np.ndarray) -> np.ndarray | None: ...
 
     def to_dict(self) -> dict[str, Any]: ...
 
@@ -158,17 +161,24 @@ class MacenkoNormalizer:
         self.stain_matrix, self.max_conc = source
         return self
 
-    def transform(self, img: np.ndarray) -> np.ndarray:
+    def transform_float(self, img: np.ndarray) -> np.ndarray | None:
+        """The normalised tile as float64 optical density (H, W, 3) before rounding to uint8, or ``None`` when
+        the tile is left unchanged (too little tissue, one stain direction)."""
         img = _check_rgb(img, "MacenkoNormalizer.transform")
         source = self._source(img)
         if source is None:
-            return img.copy()
+            return None
         matrix, max_conc = source
         od = rgb_to_od(img).reshape(-1, 3).astype(np.float64)
         gain = np.clip(self.max_conc / max_conc, 1.0 / _MAX_GAIN, _MAX_GAIN)
         conc = self._concentrations(od, matrix) * gain
-        out_od = np.nan_to_num(conc @ self.stain_matrix, nan=0.0, posinf=0.0, neginf=0.0)
-        return od_to_rgb(out_od.reshape(img.shape))
+        return (conc @ self.stain_matrix).reshape(img.shape)
+
+    def transform(self, img: np.ndarray) -> np.ndarray:
+        out_od = self.transform_float(img)
+        if out_od is None:
+            return np.array(img, copy=True)
+        return od_to_rgb(np.nan_to_num(out_od, nan=0.0, posinf=0.0, neginf=0.0))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -229,14 +239,20 @@ class ReinhardNormalizer:
         self.std = np.maximum(std, _EPS)
         return self
 
-    def transform(self, img: np.ndarray) -> np.ndarray:
+    def transform_float(self, img: np.ndarray) -> np.ndarray | None:
+        """The normalised tile in float64 ``l-alpha-beta`` (H, W, 3) before conversion to uint8 RGB, or ``None``
+        when the tile is left unchanged (too little tissue)."""
         img = _check_rgb(img, "ReinhardNormalizer.transform")
         stats = self._stats(img)
         if stats is None:
-            return img.copy()
+            return None
         lab, mean, std = stats
         gain = np.where(std > 1e-3, self.std / np.maximum(std, _EPS), 1.0)  # flat channel: shift only
-        return lab_to_rgb((lab - mean) * gain + self.mean)
+        return (lab - mean) * gain + self.mean
+
+    def transform(self, img: np.ndarray) -> np.ndarray:
+        lab = self.transform_float(img)
+        return np.array(img, copy=True) if lab is None else lab_to_rgb(lab)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "mean": self.mean.round(6).tolist(), "std": self.std.round(6).tolist()}

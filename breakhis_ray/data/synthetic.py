@@ -209,11 +209,7 @@ def _run_ray(cfg: SynthConfig, jobs: list[Job], report) -> list[dict]:
     from breakhis_ray.ray_utils import ensure_ray
 
     ensure_ray(cfg.ray)
-    options: dict = {"num_cpus": cfg.task_cpus}
-    env = storage.credential_env()
-    if storage.is_s3(cfg.out) and env:
-        options["runtime_env"] = {"env_vars": env}
-    task = ray.remote(generate_group).options(**options)
+    task = ray.remote(generate_group).options(num_cpus=cfg.task_cpus)
     data = dump_config(cfg)
     # largest groups first keeps the tail short
     pending = [task.remote(data, j.index, j.magnification, j.count) for j in sorted(jobs, key=lambda j: -j.count)]

@@ -23,7 +23,7 @@ METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "balanced_accurac
            "patient_recognition_rate", "patient_accuracy", "n_images", "n_patients")
 #: identity-free parts of a TrainConfig: where a run is written and what it runs on
 _NOT_IDENTITY = {"run": ("name", "storage_path"), "data": ("shards",)}
-_NOT_IDENTITY_SECTIONS = ("scaling", "ray")
+_NOT_IDENTITY_SECTIONS = ("scaling", "ray", "tracking")
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,9 @@ def _resolve_train(cfg: ExperimentsConfig, table: str, overrides: list[str], pre
     return train
 
 
-def _finish_train(cfg: ExperimentsConfig, train: TrainConfig, trial_id: str) -> TrainConfig:
-    """Run name, storage and resources of a trial (not part of its identity)."""
+def finish_train(cfg: ExperimentsConfig, train: TrainConfig, trial_id: str) -> TrainConfig:
+    """Run name, storage and resources of a trial (not part of its identity). ``cfg`` names ``out``,
+    ``scaling`` and ``base_train_config`` (an :class:`ExperimentsConfig` or a ``CVConfig``)."""
     run = train.run.model_copy(update={"name": trial_id, "storage_path": storage.join(cfg.out, RUNS_DIR)})
     updated = validate_config(TrainConfig, {**dump_config(train), "run": dump_config(run),
                                             **({"scaling": dump_config(cfg.scaling)} if cfg.scaling else {})})
@@ -145,8 +146,8 @@ def plan_trials(cfg: ExperimentsConfig, inputs: GridInputs) -> tuple[list[Cell],
                     train = _resolve_train(cfg, table, overrides, prepared)
                     trial_id = trial_id_for(train, protocol, fold)
                     if trial_id not in specs:
-                        specs[trial_id] = _spec(cfg, _finish_train(cfg, train, trial_id), trial_id, protocol, fold,
-                                                prepared)
+                        specs[trial_id] = trial_spec(cfg, finish_train(cfg, train, trial_id), trial_id, protocol,
+                                                     fold, prepared)
                     for scope in scopes:
                         cells.append(Cell(
                             table=table, protocol=protocol, fold=fold, trial_id=trial_id,
@@ -156,9 +157,10 @@ def plan_trials(cfg: ExperimentsConfig, inputs: GridInputs) -> tuple[list[Cell],
     return cells, list(specs.values())
 
 
-def _spec(cfg: ExperimentsConfig, train: TrainConfig, trial_id: str, protocol: str, fold: int,
-          prepared: str) -> dict:
-    """What one Tune trial needs, JSON-safe (shared with the trials through ``tune.with_parameters``)."""
+def trial_spec(cfg: ExperimentsConfig, train: TrainConfig, trial_id: str, protocol: str, fold: int,
+               prepared: str) -> dict:
+    """What one Tune trial needs, JSON-safe (shared with the trials through ``tune.with_parameters``).
+    ``cfg`` names ``out`` and ``scoring``."""
     mags = train.data.magnifications
     return {
         "trial_id": trial_id,

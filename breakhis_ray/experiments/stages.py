@@ -104,19 +104,26 @@ def _synthetic_stage(cfg: ExperimentsConfig) -> None:
     _stage(cfg, "synthetic", synth, lambda: run_synth(synth), lambda _: {"out": synth.out})
 
 
-def prepare_inputs(cfg: ExperimentsConfig) -> GridInputs:
-    """Run (or keep) the data stages: synthetic tree, manifest, splits per protocol, shards per fold, U-Net."""
+def prepare_folds(cfg, protocols: list[str], folds: list[int]) -> GridInputs:
+    """Run (or keep) the data stages shared by the grid and ``cv``: synthetic tree, manifest, splits per
+    protocol (split mode), shards per protocol and fold. ``cfg`` names ``out``, ``synthetic``, ``tree_root``,
+    ``split`` and ``prepare_overrides`` (an :class:`ExperimentsConfig` or a ``CVConfig``)."""
     if cfg.synthetic is not None:
         _synthetic_stage(cfg)
-    root = cfg.tree_root
-    manifest = _manifest_stage(cfg, root)
+    manifest = _manifest_stage(cfg, cfg.tree_root)
     inputs = GridInputs(manifest=manifest, prepared={})
-    for protocol in cfg.protocols:
+    for protocol in protocols:
         splits = _split_stage(cfg, manifest, protocol)
-        for fold in cfg.folds:
+        for fold in folds:
             out = _prepare_stage(cfg, manifest, splits, protocol, fold)
             inputs.prepared[(protocol, fold)] = out
             inputs.prepare_summaries[(protocol, fold)] = storage.join(out, "prepare.json")
+    return inputs
+
+
+def prepare_inputs(cfg: ExperimentsConfig) -> GridInputs:
+    """Run (or keep) the data stages: synthetic tree, manifest, splits per protocol, shards per fold, U-Net."""
+    inputs = prepare_folds(cfg, cfg.protocols, cfg.folds)
     if _needs_unet(cfg):
-        inputs.unet_checkpoint = _segmenter_stage(cfg, root)
+        inputs.unet_checkpoint = _segmenter_stage(cfg, cfg.tree_root)
     return inputs

@@ -7,7 +7,7 @@ import json
 import time
 from datetime import datetime, timezone
 
-from breakhis_ray import storage
+from breakhis_ray import storage, tracking
 from breakhis_ray.artifacts import table_bytes, write_atomic, write_json
 from breakhis_ray.config import TrainConfig, validate_config
 from breakhis_ray.errors import BreakhisError, DataError
@@ -48,6 +48,7 @@ def run_trial(config: dict, specs: dict[str, dict]) -> None:
     }
     write_json(spec["record"], record)
     overall = scores["overall"]
+    tracking.log_trial_scores(summary["run_dir"], overall)  # into the trial's MLflow child run, if any
     tune.report({"trial_id": spec["trial_id"], **{k: overall.get(k) for k in METRICS},
                  "epochs_completed": summary["epochs_completed"]})
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timezone
 
-from breakhis_ray import storage
-from breakhis_ray.config import ExperimentsConfig, TrainConfig, validate_config
+from breakhis_ray import storage, tracking
+from breakhis_ray.config import ExperimentsConfig, TrainConfig, dump_config, validate_config
 from breakhis_ray.experiments.trial import run_trial
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,11 @@ def run_tune(cfg: ExperimentsConfig, specs: list[dict]) -> list[tuple[str, str]]
 
     fs, path = storage.resolve(storage.join(cfg.out, "tune"))
     name = f"grid-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+    # MLflow (tracking.mlflow_uri): one parent run per output, every trial's training run a child of it
+    section = getattr(cfg, "tracking", None)
+    parent = tracking.start_parent_run(section, cfg.out, f"{type(cfg).__name__.removesuffix('Config').lower()} "
+                                       f"{storage.join(cfg.out)}", params=dump_config(cfg))
+    specs = tracking.nest_trials(specs, section, parent)
     trainable = tune.with_parameters(run_trial, specs={s["trial_id"]: s for s in specs})
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": cfg.trial_cpus}),
@@ -65,5 +70,11 @@ def run_tune(cfg: ExperimentsConfig, specs: list[dict]) -> list[tuple[str, str]]
         run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=cfg.trial_retries)),
     )
-    results = tuner.fit()
-    return [(r.config["trial_id"], _error_line(r.error)) for r in results if r.error]
+    try:
+        results = tuner.fit()
+    except BaseException:
+        tracking.finish_parent_run(parent, failed=True)
+        raise
+    errors = [(r.config["trial_id"], _error_line(r.error)) for r in results if r.error]
+    tracking.finish_parent_run(parent, failed=bool(errors))
+    return errors

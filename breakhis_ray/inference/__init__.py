@@ -30,6 +30,8 @@ from breakhis_ray.inference.schema import (
     MASKS_DIR,
     PREDICTION_SCHEMA,
     PREDICTIONS_DIR,
+    SUBTYPE_PREDICTION_SCHEMA,
+    SUBTYPE_PROB_COLUMNS,
 )
 from breakhis_ray.inference.writer import read_predictions
 
@@ -42,6 +44,8 @@ __all__ = [
     "PREDICTIONS_DIR",
     "PREDICTION_SCHEMA",
     "Predictor",
+    "SUBTYPE_PREDICTION_SCHEMA",
+    "SUBTYPE_PROB_COLUMNS",
     "build_dataset",
     "build_segmenter",
     "decode_for_models",

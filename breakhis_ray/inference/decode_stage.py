@@ -66,12 +66,13 @@ def decode_for_models(
     spec: PreprocessSpec,
     segment_size: tuple[int, int] | None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    backend: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
     """One encoded image -> (classifier uint8 (H, W, 3), segmenter uint8 or None, decoded (H, W)).
 
     Raises :class:`~breakhis_ray.data.decode.ImageRejected` for an image the decoder refuses.
     """
-    img = decode_rgb(data, max_pixels=max_pixels)
+    img = decode_rgb(data, max_pixels=max_pixels, backend=backend)
     image = prepare_uint8(img, spec)
     seg = resize_uint8(img, segment_size) if segment_size is not None else None
     return image, seg, (int(img.shape[0]), int(img.shape[1]))
@@ -81,10 +82,11 @@ class BatchDecoder:
     """Decodes a list of encoded images into the columns the model stage reads (errors become rows)."""
 
     def __init__(self, preprocessing: dict, segment_size: Sequence[int] | None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, backend: str | None = None):
         self.spec = PreprocessSpec.from_dict(preprocessing)
         self.segment_size = tuple(int(v) for v in segment_size) if segment_size is not None else None
         self.max_pixels = int(max_pixels)
+        self.backend = backend
 
     def __call__(self, paths: Sequence[str], contents: Sequence[bytes | str], chunks: np.ndarray) -> dict:
         """``contents``: encoded bytes, or an error string already (a failed read)."""
@@ -100,7 +102,8 @@ class BatchDecoder:
                 errors[i] = data
                 continue
             try:
-                image, seg, size = decode_for_models(bytes(data), self.spec, self.segment_size, self.max_pixels)
+                image, seg, size = decode_for_models(bytes(data), self.spec, self.segment_size, self.max_pixels,
+                                                     self.backend)
             except ImageRejected as rej:
                 errors[i] = error_text(rej.reason, rej.detail)
                 continue
@@ -132,6 +135,7 @@ def read_and_decode(
     segment_size: Sequence[int] | None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     io_threads: int = 8,
+    backend: str | None = None,
 ) -> dict[str, np.ndarray]:
     """CPU stage for path inputs: read every file (threads, for object-store latency) and decode it."""
     paths = [str(p) for p in batch["path"]]
@@ -141,7 +145,7 @@ def read_and_decode(
     else:
         contents = [read_uri(p) for p in paths]
     chunks = batch.get(CHUNK_COLUMN, np.zeros(len(paths), dtype=np.int32))
-    return BatchDecoder(preprocessing, segment_size, max_pixels)(paths, contents, chunks)
+    return BatchDecoder(preprocessing, segment_size, max_pixels, backend)(paths, contents, chunks)
 
 
 def read_and_decode_shards(
@@ -150,9 +154,10 @@ def read_and_decode_shards(
     segment_size: Sequence[int] | None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     rows_per_batch: int = 16,
+    backend: str | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """CPU stage for shard inputs: read the needed rows of one row group per unit and decode them."""
-    decoder = BatchDecoder(preprocessing, segment_size, max_pixels)
+    decoder = BatchDecoder(preprocessing, segment_size, max_pixels, backend)
     for uri, group, rows, chunk in zip(batch["file"], batch["row_group"], batch["rows"], batch[CHUNK_COLUMN]):
         fs, path = _fs_and_path(str(uri))
         with fs.open_input_file(path) as f:

@@ -28,7 +28,7 @@ from breakhis_ray.config import InferConfig
 from breakhis_ray.inference.decode_stage import read_and_decode, read_and_decode_shards
 from breakhis_ray.inference.plan import InputPlan, plan_inputs
 from breakhis_ray.inference.predictor import Predictor, new_run_id, resolve_sizes
-from breakhis_ray.inference.schema import MASKS_DIR, PREDICTIONS_DIR
+from breakhis_ray.inference.schema import HEATMAPS_DIR, MASKS_DIR, PREDICTIONS_DIR
 from breakhis_ray.inference.writer import ChunkWriter, check_or_write_plan, done_chunks, plan_record
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,10 @@ def _predictor_kwargs(cfg: InferConfig, segment_size, run_id: str) -> dict:
         "segment_size": list(segment_size) if segment_size else None,
         "device": cfg.device,
         "amp": cfg.amp,
+        "tta": cfg.tta,
+        "explain": cfg.explain.method,
+        "explain_target_layer": cfg.explain.target_layer,
+        "heatmap_dir": storage.join(cfg.out, HEATMAPS_DIR) if cfg.explain.method else None,
         "torch_threads": cfg.torch_threads or max(1, round(cfg.num_cpus)),
         "mask_dir": storage.join(cfg.out, MASKS_DIR) if cfg.write_masks and cfg.segmenter else None,
         "run_id": run_id,
@@ -54,7 +58,8 @@ def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], prep
     import ray.data
 
     units = plan.units(chunks)
-    decode_kwargs = {"preprocessing": preprocessing, "segment_size": segment_size, "max_pixels": cfg.max_pixels}
+    decode_kwargs = {"preprocessing": preprocessing, "segment_size": segment_size, "max_pixels": cfg.max_pixels,
+                     "backend": cfg.decode.backend}
     # Decode workers are recycled after decode_max_calls tasks (bounds allocator growth from images of
     # many sizes). Their remote args then differ from the actors', so Ray Data keeps decoding a separate
     # operator instead of fusing it into the model actors (it fuses only identical remote args).
@@ -63,11 +68,6 @@ def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], prep
         decode_remote["max_calls"] = cfg.decode_max_calls
     if cfg.decode_concurrency:
         decode_remote["compute"] = ray.data.TaskPoolStrategy(size=cfg.decode_concurrency)
-    # Workers on other nodes (or started before the credentials were set) get object-storage settings here.
-    env = storage.credential_env()
-    runtime_env = {"env_vars": env} if env else None
-    if runtime_env:
-        decode_remote["runtime_env"] = runtime_env
     if plan.mode == "shards":
         ds = ray.data.from_arrow(units, override_num_blocks=max(1, min(len(units), 4096)))
         ds = ds.map_batches(read_and_decode_shards, batch_size=1, batch_format="numpy",
@@ -86,7 +86,7 @@ def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], prep
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus or None,
         # model processes keep freed memory (breakhis_ray.allocator): no page faults on every batch
-        runtime_env={"env_vars": {**env, **MODEL_PROCESS_ENV}},
+        runtime_env={"env_vars": dict(MODEL_PROCESS_ENV)},
     )
 
 

@@ -22,10 +22,17 @@ import pyarrow as pa
 
 from breakhis_ray import storage
 from breakhis_ray.data.decode import DEFAULT_MAX_PIXELS
-from breakhis_ray.domain import BENIGN, MALIGNANT
+from breakhis_ray.domain import BENIGN, MALIGNANT, SUBTYPE_CLASS_LABELS, SUBTYPE_CLASSES
 from breakhis_ray.errors import ConfigError
 from breakhis_ray.inference.decode_stage import BatchDecoder, read_uri
-from breakhis_ray.inference.schema import CHUNK_COLUMN, CLASSICAL_SEGMENTERS, FEATURE_COLUMNS, PREDICTION_SCHEMA
+from breakhis_ray.inference.schema import (
+    CHUNK_COLUMN,
+    CLASSICAL_SEGMENTERS,
+    FEATURE_COLUMNS,
+    PREDICTION_SCHEMA,
+    SUBTYPE_PREDICTION_SCHEMA,
+    SUBTYPE_PROB_COLUMNS,
+)
 
 
 def new_run_id() -> str:
@@ -119,7 +126,20 @@ class Predictor:
     :data:`PREDICTION_SCHEMA` (plus the chunk id when the input carries one). Rows whose decode failed are passed through as error rows.
 
     ``device``: ``auto`` (CUDA when this process sees a GPU), ``cpu`` or ``cuda``. ``amp``: bf16 autocast
-    on GPU. ``mask_dir``: where nuclei masks are written (``None``: not written).
+    on GPU. ``mask_dir``: where nuclei masks are written (``None``: not written). ``tta``: average the class
+    probabilities over flips and quarter turns (:mod:`breakhis_ray.inference.tta`). ``explain``: ``gradcam`` or
+    ``gradcam++`` writes a class-activation map of the predicted class per image under ``heatmap_dir``
+    (:mod:`breakhis_ray.explain`; ``explain_target_layer`` overrides the family's layer) and fills
+    ``heatmap_uri``; the probabilities are those of the ordinary pass, unchanged.
+
+    A checkpoint with a calibration temperature (``meta.json`` ``calibration.temperature``) has its logits
+    divided by it. A subtype checkpoint (labels = the eight subtypes) adds ``pred_subtype`` and the
+    ``prob_<subtype>`` columns (:data:`SUBTYPE_PREDICTION_SCHEMA`); its ``prob_malignant`` is the sum of the
+    malignant subtypes' probabilities.
+
+    ``channels_last``: the classifier and its inputs in channels-last layout (``memory_format``), the faster
+    convolution layout of oneDNN (CPU) and cuDNN (measured: docs/BENCHMARKS.md); the model runs under
+    ``torch.inference_mode``.
     """
 
     def __init__(
@@ -134,10 +154,15 @@ class Predictor:
         torch_threads: int | None = None,
         mask_dir: str | None = None,
         run_id: str | None = None,
+        tta: bool = False,
+        explain: str | None = None,
+        explain_target_layer: str | None = None,
+        heatmap_dir: str | None = None,
+        channels_last: bool = True,
     ) -> None:
         import torch
 
-        from breakhis_ray.checkpoint import load_model
+        from breakhis_ray.checkpoint import load_model, temperature_of
         from breakhis_ray.data.transforms import PreprocessSpec
 
         self.torch_threads = torch_threads
@@ -152,10 +177,19 @@ class Predictor:
         self.classifier_uri = str(classifier)
         self.segmenter_uri = str(segmenter) if segmenter is not None else None
         self.model, self.meta = load_model(self.classifier_uri.rstrip("/"), map_location=self.device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
         self.labels = list(self.meta["labels"])
-        if MALIGNANT not in self.labels:
-            raise ConfigError(f"classifier {classifier} has labels {self.labels}; inference needs {MALIGNANT!r}")
-        self.malignant_index = self.labels.index(MALIGNANT)
+        self.subtype = tuple(self.labels) == SUBTYPE_CLASSES
+        # the classes whose probabilities add up to prob_malignant
+        self.malignant_columns = [i for i, name in enumerate(self.labels)
+                                  if name == MALIGNANT or SUBTYPE_CLASS_LABELS.get(name) == MALIGNANT]
+        if not self.malignant_columns or not (self.subtype or MALIGNANT in self.labels):
+            raise ConfigError(f"classifier {classifier} has labels {self.labels}; inference needs {MALIGNANT!r} "
+                              f"or the eight subtypes {list(SUBTYPE_CLASSES)}")
+        self.malignant_index = self.labels.index(MALIGNANT) if MALIGNANT in self.labels else None
+        self.temperature = temperature_of(self.meta)
+        self.tta = bool(tta)
         self.spec = PreprocessSpec.from_dict(self.meta["preprocessing"])
         self.in_channels = int(self.meta["model_args"].get("in_channels", 3))
         self.segmenter = None
@@ -174,6 +208,15 @@ class Predictor:
                               f"guidance gives {guided_channels}")
         self.mask_dir = mask_dir
         self.run_id = run_id or new_run_id()
+        # Class-activation maps (breakhis_ray.explain), written under heatmap_dir when explain is set.
+        self.explainer = None
+        self.heatmap_dir = heatmap_dir
+        if explain:
+            from breakhis_ray.explain import GradCAM
+
+            if heatmap_dir is None:
+                raise ConfigError(f"explain={explain!r} needs heatmap_dir (where the heatmap PNGs are written)")
+            self.explainer = GradCAM(self.model, explain_target_layer, explain)
 
     @classmethod
     def from_checkpoint(cls, classifier: str, segmenter: str | None = None, **options: Any) -> "Predictor":
@@ -204,6 +247,19 @@ class Predictor:
 
     # ---------------------------------------------------------------------------------- the model
     def _classify(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities ``(N, C)`` float32 of decoded images (temperature-scaled; averaged over the TTA
+        views when ``tta`` is on)."""
+        import torch
+
+        from breakhis_ray.inference.tta import class_probabilities
+
+        x = self._model_input(images)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            probs = class_probabilities(self.model, x, temperature=self.temperature, tta=self.tta)
+        return probs.cpu().numpy().astype(np.float32)
+
+    def _model_input(self, images: np.ndarray):
+        """Decoded uint8 NHWC images -> the normalised model input on the device (guidance applied)."""
         import torch
 
         from breakhis_ray.data.transforms import normalize
@@ -216,10 +272,24 @@ class Predictor:
             if "mask" in guided:
                 images = np.concatenate([images, guided["mask"][..., None]], axis=-1)
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        x = normalize(x, self.spec)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = self.model(x)
-        return torch.softmax(logits.float(), dim=1)[:, self.malignant_index].cpu().numpy()
+        return normalize(x, self.spec).contiguous(memory_format=self.memory_format)
+
+    def _explain(self, batch: dict[str, np.ndarray], idx: np.ndarray, classes: np.ndarray, paths: list[str],
+                 chunks: np.ndarray, uris: list[str | None]) -> None:
+        """Class-activation maps of the predicted ``classes`` for rows ``idx``; writes the overlay and the raw
+        map (input image size) under ``heatmap_dir`` and fills ``uris`` (the overlays)."""
+        from breakhis_ray.explain import heatmap_names, heatmap_pngs
+
+        images = batch["_image"][idx]
+        cams, _ = self.explainer(self._model_input(images), class_index=classes)
+        for j, i in enumerate(idx):
+            folder = storage.join(self.heatmap_dir, f"part-{int(chunks[i]):05d}")
+            overlay_name, raw_name = heatmap_names(paths[i], self.explainer.method)
+            size = (int(batch["_height"][i]), int(batch["_width"][i]))
+            overlay, raw = heatmap_pngs(cams[j], images[j], size)
+            storage.write_bytes(storage.join(folder, raw_name), raw)
+            uris[i] = storage.join(folder, overlay_name)
+            storage.write_bytes(uris[i], overlay)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import torch
@@ -230,9 +300,10 @@ class Predictor:
         n = len(paths)
         ok = np.asarray(batch["_ok"], dtype=bool)
         idx = np.flatnonzero(ok)
-        prob = np.full(n, np.nan, dtype=np.float32)
+        probs = np.full((n, len(self.labels)), np.nan, dtype=np.float32)
         feats = {k: np.full(n, np.nan, dtype=np.float64) for k in FEATURE_COLUMNS}
         mask_uris: list[str | None] = [None] * n
+        heatmap_uris: list[str | None] = [None] * n
         chunks = np.asarray(batch.get(CHUNK_COLUMN, np.zeros(n, dtype=np.int32)), dtype=np.int32)
         if idx.size:
             with torch.inference_mode():
@@ -249,7 +320,10 @@ class Predictor:
                             uri = storage.join(folder, _mask_name(paths[i]))
                             storage.write_bytes(uri, _mask_png(result.labels[j]))
                             mask_uris[i] = uri
-                prob[idx] = self._classify(batch["_image"][idx])
+                probs[idx] = self._classify(batch["_image"][idx])
+                if self.explainer is not None:
+                    self._explain(batch, idx, np.argmax(probs[idx], axis=1), paths, chunks, heatmap_uris)
+        prob = probs[:, self.malignant_columns].sum(axis=1, dtype=np.float32)  # nan on error rows
         fields = [_filename_fields(p) for p in paths]
         errors = [None if ok[i] else str(batch["_error"][i]) for i in range(n)]
         now = datetime.now(timezone.utc)
@@ -273,9 +347,22 @@ class Predictor:
         for key in FEATURE_COLUMNS[1:]:
             columns[key] = pa.array(feats[key].astype(np.float32), pa.float32(), mask=feature_mask)
         columns["mask_uri"] = pa.array(mask_uris, pa.string())
+        columns["heatmap_uri"] = pa.array(heatmap_uris, pa.string())
         columns["classifier_checkpoint"] = pa.array([self.classifier_uri] * n, pa.string())
         columns["segmenter_checkpoint"] = pa.array([self.segmenter_uri] * n, pa.string())
         columns["run_id"] = pa.array([self.run_id] * n, pa.string())
         columns["processed_at"] = pa.array([now] * n, pa.timestamp("us", tz="UTC"))
-        table = pa.table(columns, schema=PREDICTION_SCHEMA)
+        schema = PREDICTION_SCHEMA
+        if self.subtype:
+            columns.update(self._subtype_columns(probs, ok))
+            schema = SUBTYPE_PREDICTION_SCHEMA
+        table = pa.table(columns, schema=schema)
         return table.append_column(CHUNK_COLUMN, pa.array(chunks, pa.int32()))
+
+    def _subtype_columns(self, probs: np.ndarray, ok: np.ndarray) -> dict[str, pa.Array]:
+        """``pred_subtype`` and one ``prob_<subtype>`` column per class (null on error rows)."""
+        best = np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1)
+        out = {"pred_subtype": pa.array([SUBTYPE_CLASSES[b] if o else None for b, o in zip(best, ok)], pa.string())}
+        for j, name in enumerate(SUBTYPE_PROB_COLUMNS):
+            out[name] = pa.array(probs[:, j], pa.float32(), mask=~ok)
+        return out

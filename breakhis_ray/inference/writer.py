@@ -24,7 +24,14 @@ from breakhis_ray.artifacts import table_bytes, write_atomic
 from breakhis_ray.config import InferConfig
 from breakhis_ray.errors import ConfigError, DataError
 from breakhis_ray.inference.plan import InputPlan
-from breakhis_ray.inference.schema import CHUNK_COLUMN, PLAN_FILE, PLAN_FORMAT, PREDICTION_SCHEMA, PREDICTIONS_DIR
+from breakhis_ray.inference.schema import (
+    CHUNK_COLUMN,
+    PLAN_FILE,
+    PLAN_FORMAT,
+    PREDICTION_SCHEMA,
+    PREDICTIONS_DIR,
+    schema_for,
+)
 
 
 def part_name(chunk: int) -> str:
@@ -60,6 +67,9 @@ def plan_record(plan: InputPlan, cfg: InferConfig) -> dict:
             "max_pixels": cfg.max_pixels,
             "include_augmented": cfg.include_augmented,
             "write_masks": cfg.write_masks,
+            # absent when off, so plans written before explanations existed still match
+            **({"explain": cfg.explain.model_dump()} if cfg.explain.method else {}),
+            **({"tta": True} if cfg.tta else {}),  # absent when off: outputs of earlier versions still resume
         },
     }
 
@@ -127,7 +137,7 @@ class ChunkWriter:
 
     def _write(self, chunk: int) -> None:
         table = pa.concat_tables(self.buffers.pop(chunk)).drop_columns([CHUNK_COLUMN])
-        table = table.sort_by("path").cast(PREDICTION_SCHEMA)
+        table = table.sort_by("path").cast(schema_for(table.column_names))
         write_atomic(storage.join(self.pred_dir, part_name(chunk)), table_bytes(table))
         status = table.column("status").to_numpy(zero_copy_only=False)
         self.ok += int((status == "ok").sum())
@@ -147,5 +157,6 @@ def read_predictions(out: str) -> pa.Table:
     tables = []
     for uri in parts:
         fs, path = storage.resolve(uri)
-        tables.append(pq.read_table(path, filesystem=fs, schema=PREDICTION_SCHEMA))
+        schema = schema_for(pq.read_schema(path, filesystem=fs).names)
+        tables.append(pq.read_table(path, filesystem=fs, schema=schema))
     return pa.concat_tables(tables).sort_by("path")

@@ -17,8 +17,8 @@ import numpy as np
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
-__all__ = ["Markup", "details", "figure", "heading", "join", "mean_std_text", "note", "paragraph", "pct",
-           "render", "skipped", "table_html"]
+__all__ = ["Markup", "ci_suffix", "ci_text", "details", "figure", "heading", "join", "mean_std_text", "note",
+           "paragraph", "pct", "render", "skipped", "table_html"]
 
 
 @lru_cache(maxsize=1)
@@ -72,11 +72,13 @@ def paragraph(text: Any) -> Markup:
 
 
 # ------------------------------------------------------------------------------------------ tables
-_NUMERIC = re.compile(r"^\s*(?:[<>≥≤~+-]\s*)?\d[\d,.]*(?:\s*±\s*[\d.]+)?%?\s*$|^(?:n/a|—)$")
+_NUMERIC = re.compile(r"^\s*(?:[<>≥≤~+-]\s*)?\d[\d,.]*(?:\s*±\s*[\d.]+)?%?(?:\s*\[[\d.]+,\s*[\d.]+\])?\s*$"
+                      r"|^(?:n/a|—)$")
 
 
 def is_numeric(value: Any) -> bool:
-    """Numbers and number-like text (``mean ± std``, ``> 97``, ``n/a``); never a rendered fragment."""
+    """Numbers and number-like text (``mean ± std``, ``91.20 [86.0, 95.1]``, ``> 97``, ``n/a``); never a
+    rendered fragment."""
     if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
         return True
     return isinstance(value, str) and not isinstance(value, Markup) and bool(_NUMERIC.match(value))
@@ -103,6 +105,26 @@ def pct(value: Any, digits: int = 2) -> str:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(float(value)):
         return "n/a"
     return f"{float(value) * 100:.{digits}f}"
+
+
+def ci_suffix(interval: Any, percent: bool = True) -> str:
+    """``" [86.0, 95.1]"`` for a 95% interval ``[lo, hi]`` (percent: one decimal of %, else four decimals);
+    ``""`` when there is none."""
+    if not (isinstance(interval, (list, tuple)) and len(interval) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)):
+        return ""
+    if percent:
+        return f" [{interval[0] * 100:.1f}, {interval[1] * 100:.1f}]"
+    return f" [{interval[0]:.4f}, {interval[1]:.4f}]"
+
+
+def ci_text(value: Any, interval: Any, percent: bool = True) -> str:
+    """A value with its 95% interval: ``91.20 [86.0, 95.1]`` (percent) or ``0.0712 [0.0501, 0.1010]``."""
+    if percent:
+        text = pct(value)
+    else:
+        text = f"{float(value):.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+    return text if text == "n/a" else text + ci_suffix(interval, percent)
 
 
 def mean_std_text(entry: Mapping[str, Any] | None, percent: bool = True) -> str:

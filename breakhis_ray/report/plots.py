@@ -80,10 +80,13 @@ def _draw_confusion(ax, cm: Sequence[Sequence[float]], title: str, labels: Seque
         for c in range(arr.shape[1]):
             value = arr[r, c]
             text = f"{int(value)}" if float(value).is_integer() else f"{value:.1f}"
-            share = f"\n{value / total:.1%}" if total else ""
-            ax.text(c, r, text + share, ha="center", va="center", fontsize=9,
+            share = f"\n{value / total:.1%}" if total and len(labels) <= 2 else ""
+            ax.text(c, r, text + share, ha="center", va="center", fontsize=9 if len(labels) <= 2 else 7,
                     color="white" if value > arr.max() * 0.6 else "black")
-    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    if len(labels) > 2:
+        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=40, ha="right")
+    else:
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.set_xlabel("predicted", fontsize=8)
     ax.set_ylabel("true", fontsize=8)
@@ -92,10 +95,12 @@ def _draw_confusion(ax, cm: Sequence[Sequence[float]], title: str, labels: Seque
 
 def confusion_matrices(matrices: Mapping[str, Sequence[Sequence[float]] | None],
                        labels: Sequence[str] = CLASS_NAMES) -> bytes:
-    """One panel per named confusion matrix (rows true, columns predicted); ``None`` draws "no images"."""
+    """One panel per named confusion matrix (rows true, columns predicted); ``None`` draws "no images".
+    More than two labels (the eight subtypes) get a larger panel each."""
     items = list(matrices.items())
     n = max(1, len(items))
-    fig = _figure(2.8 * n, 2.9)
+    side = 2.8 if len(labels) <= 2 else 0.75 * len(labels) + 1.5
+    fig = _figure(side * n, side + 0.1)
     for i, (title, cm) in enumerate(items):
         ax = fig.add_subplot(1, n, i + 1)
         if cm is None or not np.asarray(cm).size or np.asarray(cm, dtype=float).sum() == 0:
@@ -151,6 +156,47 @@ def roc_plot(curves: Mapping[str, tuple[Sequence[float], Sequence[float], float 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
+    return figure_png(fig)
+
+
+# ---------------------------------------------------------------------------------- calibration
+def reliability_diagram(curves: Mapping[str, Sequence[Mapping[str, Any]]],
+                        labels: Mapping[str, str] | None = None) -> bytes:
+    """Reliability diagram: per named set of bins (``{"lo", "hi", "n", "mean_prob", "frac_malignant"}``, as
+    the evaluate JSON's ``calibration.reliability``), the share of malignant images against the mean predicted
+    probability in each non-empty bin, over the diagonal of perfect calibration; below it, images per bin."""
+    fig = _figure(5.2, 5.6)
+    grid = fig.add_gridspec(2, 1, height_ratios=(3, 1), hspace=0.08)
+    ax, hist = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
+    ax.plot([0, 1], [0, 1], ":", color="#999999", label="perfect calibration")
+    drawn = False
+    width = None
+    for i, (name, bins) in enumerate(curves.items()):
+        color = COLORS[i % len(COLORS)]
+        full = [b for b in bins if b.get("n") and b.get("mean_prob") is not None]
+        if bins:
+            centers = [(b["lo"] + b["hi"]) / 2 for b in bins]
+            width = (bins[0]["hi"] - bins[0]["lo"]) / max(1, len(curves))
+            offset = (i - (len(curves) - 1) / 2) * width
+            hist.bar([c + offset for c in centers], [b.get("n") or 0 for b in bins], width, color=color, alpha=0.7)
+        if full:
+            ax.plot([b["mean_prob"] for b in full], [b["frac_malignant"] for b in full], "-o", color=color,
+                    markersize=4, label=(labels or {}).get(name, name))
+            drawn = True
+    if not drawn:
+        ax.text(0.5, 0.5, "no predictions", ha="center", color="#666666")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xticklabels([])
+    ax.set_ylabel("share malignant (observed)")
+    ax.set_title("Reliability of P(malignant)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    hist.set_xlim(0, 1)
+    hist.set_xlabel("predicted P(malignant), equal-width bins")
+    hist.set_ylabel("images")
+    hist.grid(axis="y", alpha=0.3)
+    fig.subplots_adjust(left=0.13, right=0.97, top=0.94, bottom=0.1)
     return figure_png(fig)
 
 
@@ -243,6 +289,7 @@ __all__ = [
     "figure_png",
     "metric_bars",
     "prediction_tiles",
+    "reliability_diagram",
     "roc_curve",
     "roc_plot",
     "training_curves",

@@ -18,6 +18,9 @@ Ray Data stages (:func:`build_seg_datasets`)::
       -> materialize()                                  decoded once, cached
       -> randomize_block_order -> map_batches(PairAugment)   train: new flips/turns every epoch
 
+With ``seed`` set the datasets are read in order and the per-epoch order and draws are keyed by the epoch,
+as the classifier's (:mod:`breakhis_ray.data.pipeline`): repeated and resumed runs see the same batches.
+
 Rows leaving the pipeline: ``image`` uint8 ``(H, W, 3)`` and ``mask`` uint8 ``(H, W)`` in {0, 1}.
 :class:`breakhis_ray.data.augment.PairAugment` (per-row, per-epoch generators) applies the same flips and
 quarter turns to every pixel column (``mask`` included) and the colour jitter to ``image`` only.
@@ -289,7 +292,8 @@ def build_seg_datasets(cfg: SegDataConfig, spec: "PreprocessSpec", rows: "pd.Dat
     under ``"rows"``."""
     from ray.data import RandomSeedConfig
 
-    from breakhis_ray.data.augment import PairAugment
+    from breakhis_ray.data.augment import PairAugment, execution_index
+    from breakhis_ray.data.pipeline import ordered
 
     if tuple(spec.size) != tuple(cfg.image_size):
         raise DataError(f"preprocess size {spec.size} differs from data.image_size {cfg.image_size}")
@@ -299,13 +303,15 @@ def build_seg_datasets(cfg: SegDataConfig, spec: "PreprocessSpec", rows: "pd.Dat
         part = rows[rows["split"] == split]
         if part.empty:
             raise DataError(f"the {split} split is empty (too few patients under {cfg.root}?)")
-        ds = load_stage(_from_rows(part, cfg.decode_batch_size), cfg, spec, with_key=split == "train")
+        ds = load_stage(ordered(_from_rows(part, cfg.decode_batch_size), cfg.seed is not None), cfg, spec,
+                        with_key=split == "train")
         if cfg.materialize:
             ds = ds.materialize()
         if split == "train":
             ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
             if cfg.augment.enabled:
-                ds = ds.map_batches(PairAugment(cfg.augment, cfg.seed), batch_size=cfg.augment.batch_size,
+                udf = PairAugment(cfg.augment, cfg.seed, first_execution=execution_index(ds.context))
+                ds = ds.map_batches(udf, batch_size=cfg.augment.batch_size,
                                     batch_format="numpy", num_cpus=cfg.augment.num_cpus,
                                     concurrency=cfg.augment.concurrency, udf_modifying_row_count=False)
             else:
@@ -315,17 +321,19 @@ def build_seg_datasets(cfg: SegDataConfig, spec: "PreprocessSpec", rows: "pd.Dat
 
 
 def iter_seg_batches(shard, batch_size: int, device, spec: "PreprocessSpec", *, prefetch_batches: int = 2,
-                     drop_last: bool = False) -> Iterator[tuple[Any, Any]]:
-    """``(x float32 (N, 3, H, W), y float32 (N, 1, H, W) in {0, 1})`` on ``device`` from a dataset or shard."""
+                     drop_last: bool = False, epoch: int | None = None) -> Iterator[tuple[Any, Any]]:
+    """``(x float32 (N, 3, H, W), y float32 (N, 1, H, W) in {0, 1})`` on ``device`` from a dataset or shard;
+    ``epoch`` (training): rows augmented for another epoch stop the run."""
     import torch
 
+    from breakhis_ray.data.pipeline import tensor_collate
     from breakhis_ray.data.transforms import normalize
 
     device = torch.device(device)
     batches = shard.iter_torch_batches(
         batch_size=batch_size,
         device=device,
-        dtypes={"image": torch.uint8, "mask": torch.uint8},
+        collate_fn=tensor_collate(("image", "mask"), combine_chunks=device.type == "cpu", epoch=epoch),
         drop_last=drop_last,
         prefetch_batches=prefetch_batches,
     )

@@ -5,7 +5,9 @@ The driver (:func:`run_train`) builds the Ray datasets from the prepared shards 
 every worker runs :func:`train_loop_per_worker`: the shared epoch loop (:mod:`breakhis_ray.train.ray_glue`,
 :mod:`breakhis_ray.train.loop`) with the classifier's pieces: the transfer-learning strategy (which weights,
 when the backbone is frozen, online augmentation), two parameter groups (backbone, head), the configured loss,
-and accuracy / balanced accuracy / F1 (malignant = positive) from summed confusion counts.
+and accuracy / balanced accuracy / F1 (malignant = positive) from summed confusion counts. ``task: subtype``
+trains eight outputs with per-class sums (:mod:`breakhis_ray.train.multiclass`); ``calibration`` fits a
+temperature on the validation split afterwards (:mod:`breakhis_ray.train.calibrate`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from breakhis_ray.artifacts import write_provenance
 from breakhis_ray.config import TrainConfig
-from breakhis_ray.domain import LABELS
+from breakhis_ray.domain import task_classes
 from breakhis_ray.train import loop
 from breakhis_ray.train.ray_glue import launch, run_epochs, start_driver, start_worker
 
@@ -72,7 +74,7 @@ def build_model(cfg: TrainConfig):
     pretrained, _, _ = strategy_plan(cfg)
     return create_model(
         cfg.model.name,
-        num_classes=len(LABELS),
+        num_classes=len(task_classes(cfg.task)),
         weights=cfg.model.weights if pretrained else None,
         in_channels=cfg.model.in_channels,
         dropout=cfg.model.dropout,
@@ -95,7 +97,25 @@ def build_loss(cfg: TrainConfig):
     from breakhis_ray.losses import create_loss
 
     return create_loss(cfg.loss.name, class_counts=cfg.loss.class_counts, alpha=cfg.loss.alpha,
-                       gamma=cfg.loss.gamma, label_smoothing=cfg.loss.label_smoothing)
+                       gamma=cfg.loss.gamma, label_smoothing=cfg.loss.label_smoothing,
+                       num_classes=len(task_classes(cfg.task)))
+
+
+def needs_class_counts(cfg: TrainConfig) -> bool:
+    """Whether the loss weighs classes by their training-split counts (and none are configured)."""
+    balanced = cfg.loss.name == "weighted_ce" or (cfg.loss.name == "focal" and cfg.loss.alpha == "balanced")
+    return balanced and cfg.loss.class_counts is None
+
+
+def task_scoring(cfg: TrainConfig) -> tuple:
+    """``(class names, batch_stats, zero sums, epoch_metrics)`` of the config's task."""
+    labels = task_classes(cfg.task)
+    if cfg.task == "binary":
+        return labels, batch_stats, ZERO_SUMS, epoch_metrics
+    from breakhis_ray.train import multiclass
+
+    n = len(labels)
+    return labels, multiclass.batch_stats_for(n), multiclass.zero_sums(n), multiclass.epoch_metrics_for(n)
 
 
 def classifier_spec(cfg: TrainConfig):
@@ -166,26 +186,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     set_backbone_trainable(model, not _backbone_frozen(frozen_epochs, 0))
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizer, scheduler = make_optimizer(cfg, model)
-    learner = worker.learner(model, build_loss(cfg).to(worker.device), optimizer, scheduler, batch_stats, ZERO_SUMS)
+    labels, stats, zero, metrics_of = task_scoring(cfg)
+    learner = worker.learner(model, build_loss(cfg).to(worker.device), optimizer, scheduler, stats, zero)
 
     def before_epoch(epoch: int) -> dict:
         frozen = _backbone_frozen(frozen_epochs, epoch)
         set_backbone_trainable(model, not frozen)
         return {"backbone_frozen": frozen}
 
-    def batches(shard, batch_size: int):
-        return iter_train_batches(shard, batch_size, worker.device, spec, in_channels=cfg.model.in_channels)
+    def batches(shard, batch_size: int, epoch: int | None):
+        return iter_train_batches(shard, batch_size, worker.device, spec, in_channels=cfg.model.in_channels,
+                                  epoch=epoch)
 
-    run_epochs(worker, learner, tag=TAG, labels=LABELS, spec=spec, batches=batches, epoch_metrics=epoch_metrics,
+    run_epochs(worker, learner, tag=TAG, labels=labels, spec=spec, batches=batches, epoch_metrics=metrics_of,
                describe=describe, before_epoch=before_epoch)
 
 
 # ----------------------------------------------------------------------------------------- driver
-def _class_counts(datasets) -> list[int]:
-    from breakhis_ray.data.pipeline import class_counts
+def _class_counts(data_cfg, task: str = "binary") -> list[int]:
+    """Training images per class, from the shards' columns (executing the training dataset here would use
+    up one of its seeded per-epoch executions)."""
+    from breakhis_ray.data.pipeline import split_class_counts
 
-    counts = class_counts(datasets["train"])
-    return [int(counts.get(i, 0)) for i in range(len(LABELS))]
+    return split_class_counts(data_cfg, task, "train")
 
 
 def run_train(cfg: TrainConfig) -> dict:
@@ -198,10 +221,16 @@ def run_train(cfg: TrainConfig) -> dict:
         log.warning("[%s] strategy %r without model.weights: the backbone starts from random init (pass "
                     "model.weights=PATH|s3://...|torchvision for transfer learning)", TAG, cfg.train.strategy)
     data_cfg = cfg.data.model_copy(update={"augment": cfg.data.augment.model_copy(update={"enabled": augment})})
-    datasets = build_datasets(data_cfg, classifier_spec(cfg), **guidance_stages(cfg, data_cfg))
-    if cfg.loss.name == "weighted_ce" and cfg.loss.class_counts is None:
-        cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"class_counts": _class_counts(datasets)})})
+    datasets = build_datasets(data_cfg, classifier_spec(cfg), **guidance_stages(cfg, data_cfg), task=cfg.task)
+    if needs_class_counts(cfg):
+        counts = _class_counts(data_cfg, cfg.task)
+        cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"class_counts": counts})})
     write_provenance(run_dir, cfg)
-    log.info("[%s] %s strategy=%s loss=%s workers=%d gpu=%s -> %s", TAG, cfg.model.name, cfg.train.strategy,
-             cfg.loss.name, cfg.scaling.num_workers, cfg.scaling.use_gpu, run_dir)
-    return launch(train_loop_per_worker, cfg, {"train": datasets["train"], "val": datasets["val"]}, run_dir, TAG)
+    log.info("[%s] %s task=%s strategy=%s loss=%s workers=%d gpu=%s -> %s", TAG, cfg.model.name, cfg.task,
+             cfg.train.strategy, cfg.loss.name, cfg.scaling.num_workers, cfg.scaling.use_gpu, run_dir)
+    summary = launch(train_loop_per_worker, cfg, {"train": datasets["train"], "val": datasets["val"]}, run_dir, TAG)
+    if cfg.calibration.temperature_scaling:
+        from breakhis_ray.train.calibrate import calibrate_run
+
+        summary = calibrate_run(cfg, datasets["val"], summary)
+    return summary

@@ -1,10 +1,19 @@
 """Ray Train glue shared by the classifier and the U-Net trainers.
 
-Worker side: :func:`start_worker` (config, logging, threads, per-rank seeds, device), :class:`LoopState`
-(what a run carries across epochs and restarts), :func:`run_epochs` (resume, then per epoch: failure hook,
-train on this rank's shard, evaluate on rank 0, sums over ranks, history, log line, report with a checkpoint,
-early stopping). Driver side: :func:`make_trainer`, :func:`fit` and :func:`summarise` (``result.json``).
+Worker side: :func:`start_worker` (config, logging, threads, deterministic kernels, per-rank seeds, device),
+:class:`LoopState` (what a run carries across epochs and restarts), :func:`run_epochs` (resume, then per
+epoch: failure hook, the schedule's learning rate, train on this rank's shard with optional mid-epoch
+checkpoints, evaluate on rank 0, sums over ranks, history, log line, report with a checkpoint, early
+stopping). Driver side: :func:`make_trainer`, :func:`fit` and :func:`summarise` (``result.json``).
 Resume never silently starts over: :func:`latest_checkpoint` falls back to a scan of the run's storage.
+
+Exact resume. A checkpoint records the epochs done and, when taken inside an epoch
+(``run.checkpoint_every_steps``), the optimiser steps done in the next one; beside the weights, optimiser and
+scheduler state it holds every rank's RNG state and partial epoch sums (gathered to rank 0, which writes the
+checkpoint; each rank restores its own). A resumed worker advances the training dataset to its epoch (the
+per-epoch block order and augmentation are keyed by the epoch), draws and drops the batches already trained
+on, and continues; with the same seed and worker count on CPU the weights, optimiser state, learning rates
+and history (bar wall-clock throughput and the ``resumes`` counter) equal an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -21,13 +30,18 @@ from breakhis_ray.allocator import MODEL_PROCESS_ENV
 from breakhis_ray.artifacts import write_json, write_text_atomic
 from breakhis_ray.config import RunSection, ScalingSection, StrictModel, dump_config, validate_config
 from breakhis_ray.errors import BreakhisError
+from breakhis_ray.tracking import EpochTracker, start_training_run
 from breakhis_ray.train.loop import (
     Learner,
     all_reduce_sums,
     evaluate,
+    gather_objects,
     is_improvement,
+    load_scheduler_state,
     rng_state,
     seed_everything,
+    set_deterministic,
+    set_epoch_lr,
     set_rng_state,
     train_one_epoch,
 )
@@ -86,7 +100,8 @@ def start_worker(cls: type[StrictModel], config: dict[str, Any]) -> Worker:
     """The common start of a train loop.
 
     Re-validates the dumped config, applies its log level, pins the torch thread count (a reused Ray worker
-    keeps the count of its first task), seeds every generator per rank and picks the device Ray assigned.
+    keeps the count of its first task), turns on deterministic kernels when ``run.deterministic``, seeds every
+    generator per rank (``train.seed + rank``) and picks the device Ray assigned.
     """
     import ray.train
     import ray.train.torch
@@ -94,6 +109,7 @@ def start_worker(cls: type[StrictModel], config: dict[str, Any]) -> Worker:
 
     cfg = validate_config(cls, config)
     worker_logging(cfg.run)
+    set_deterministic(cfg.run.deterministic)
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -104,9 +120,12 @@ def start_worker(cls: type[StrictModel], config: dict[str, Any]) -> Worker:
 
 @dataclass
 class LoopState:
-    """What a run carries across epochs and restarts: next epoch, history, best score, stale epochs, resumes."""
+    """What a run carries across epochs and restarts: epochs done, optimiser steps done in the next one (a
+    mid-epoch checkpoint) with this rank's sums of those steps, history, best score, stale epochs, resumes."""
 
     epoch: int = 0
+    step: int = 0
+    sums: dict | None = None
     history: list[dict] = field(default_factory=list)
     best: float | None = None
     stale: int = 0
@@ -114,17 +133,20 @@ class LoopState:
 
     @classmethod
     def resume(cls, run: RunSection, model, optimizer, scheduler, device, *, rank: int, tag: str,
-               epochs: int) -> "LoopState":
-        """Restore the latest checkpoint of ``run`` (weights, optimiser, scheduler, RNG) into the objects given."""
+               epochs: int, world: int = 1) -> "LoopState":
+        """Restore the latest checkpoint of ``run`` (weights, optimiser, scheduler) into the objects given, and
+        this rank's RNG state and partial sums (:func:`restore_rank`)."""
         import ray.train
 
         state = restore(latest_checkpoint(run, ray.train.get_checkpoint()), model, optimizer, scheduler, device)
         if not state:
             return cls()
-        loop = cls(epoch=state.get("epoch", 0), history=state.get("history", []), best=state.get("best"),
-                   stale=state.get("stale", 0), resumes=state.get("resumes", 0) + 1)
+        loop = cls(epoch=state.get("epoch", 0), step=state.get("step", 0), history=state.get("history", []),
+                   best=state.get("best"), stale=state.get("stale", 0), resumes=state.get("resumes", 0) + 1)
+        loop.sums = restore_rank(state, rank, world, tag)
         if rank == 0:
-            log.info("[%s] resumed from checkpoint at epoch %d/%d", tag, loop.epoch, epochs)
+            where = f" + {loop.step} steps" if loop.step else ""
+            log.info("[%s] resumed from checkpoint at epoch %d%s/%d", tag, loop.epoch, where, epochs)
         return loop
 
     def record(self, metrics: dict, run: RunSection, patience: int | None) -> bool:
@@ -140,10 +162,34 @@ class LoopState:
         metrics["early_stopped"] = patience is not None and self.stale >= patience
         return metrics["early_stopped"]
 
-    def train_state(self, optimizer, scheduler) -> dict:
-        return {"epoch": self.epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), "history": self.history, "best": self.best, "stale": self.stale,
-                "resumes": self.resumes}
+    def train_state(self, optimizer, scheduler, ranks: list[dict], step: int = 0) -> dict:
+        """The checkpoint's ``train_state.pt``: ``ranks`` is every rank's ``{"rng", "sums"}`` in rank order
+        (:func:`rank_states`); ``step``: optimiser steps done in epoch ``self.epoch`` (0 at an epoch's end)."""
+        return {"epoch": self.epoch, "step": step, "world": len(ranks), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "ranks": ranks, "history": self.history, "best": self.best,
+                "stale": self.stale, "resumes": self.resumes}
+
+
+def rank_states(sums: Mapping[str, float] | None = None) -> list[dict]:
+    """Every rank's RNG state and partial epoch ``sums``, in rank order (a collective: all ranks call it)."""
+    return gather_objects({"rng": rng_state(), "sums": None if sums is None else dict(sums)})
+
+
+def restore_rank(state: dict, rank: int, world: int, tag: str) -> dict | None:
+    """Set this rank's RNG state from a checkpoint's ``ranks`` and return its partial epoch sums. A checkpoint
+    written by another number of ranks (or before per-rank state existed) leaves the generators as
+    :func:`start_worker` seeded them: the run goes on, but is no longer an exact continuation."""
+    ranks = state.get("ranks")
+    if ranks is None and "rng" in state and world == 1:  # single-rank checkpoints of earlier versions
+        ranks = [{"rng": state["rng"], "sums": None}]
+    if not ranks or len(ranks) != world:
+        if rank == 0:
+            log.warning("[%s] the checkpoint holds RNG state of %s rank(s), this run has %d: generators "
+                        "reseeded, the run continues but not exactly as it would have", tag,
+                        len(ranks) if ranks else "no", world)
+        return None
+    set_rng_state(ranks[rank]["rng"])
+    return ranks[rank].get("sums")
 
 
 def run_epochs(
@@ -153,42 +199,80 @@ def run_epochs(
     tag: str,
     labels: Sequence[str],
     spec: "PreprocessSpec",
-    batches: Callable[[Any, int], Iterable],
+    batches: Callable[[Any, int, int | None], Iterable],
     epoch_metrics: Callable[[dict, dict, int], dict],
     describe: Callable[[dict], str],
     before_epoch: Callable[[int], Mapping[str, Any]] | None = None,
 ) -> None:
-    """The epochs of one worker, from the latest checkpoint on.
+    """The epochs of one worker, from the latest checkpoint on (mid-epoch ones included).
 
-    Per epoch: the failure hook, ``before_epoch(epoch)`` (extra metrics, e.g. a frozen backbone), training on
-    this rank's ``train`` shard, ``val`` scored whole by rank 0 alone, a scheduler step, the sums shared by
-    every rank, ``epoch_metrics(train, val, world)`` plus ``epoch`` and ``lr``, then :func:`finish_epoch`.
-    ``batches(shard, batch_size)`` yields ``(x, y)`` on the device; ``describe(metrics)`` is the log line.
+    Per epoch: the failure hook, the schedule's learning rate for the epoch (:func:`set_epoch_lr`: a function
+    of the epoch and ``train.epochs``, so an extended run continues on its new schedule), ``before_epoch(epoch)``
+    (extra metrics, e.g. a frozen backbone), training on this rank's ``train`` shard (a checkpoint every
+    ``run.checkpoint_every_steps`` steps, :func:`step_hook`), ``val`` scored whole by rank 0 alone, the sums
+    shared by every rank, ``epoch_metrics(train, val, world)`` plus ``epoch``, ``lr`` (the rate the epoch
+    trained at) and ``start_step`` (steps already done when this run entered the epoch: > 0 after a resume
+    from a mid-epoch checkpoint), then :func:`finish_epoch`. ``batches(shard, batch_size, epoch)`` yields
+    ``(x, y)`` on the device (``epoch`` None for validation); ``describe(metrics)`` is the log line.
     Checkpoints carry the bare model's ``model_args``, ``labels`` and ``spec``.
     """
     import ray.train
 
     from breakhis_ray.checkpoint import unwrap_model
+    from breakhis_ray.data.pipeline import advance_epochs
 
     cfg, rank, device = worker.cfg, worker.rank, worker.device
     save_kwargs = {"model_args": dict(unwrap_model(learner.model).model_args), "labels": list(labels),
                    "preprocessing": spec.to_dict()}
     loop = LoopState.resume(cfg.run, learner.model, learner.optimizer, learner.scheduler, device, rank=rank,
-                            tag=tag, epochs=cfg.train.epochs)
+                            tag=tag, epochs=cfg.train.epochs, world=worker.world)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    advance_epochs(train_shard, loop.epoch)
+    tracker = EpochTracker.open(cfg, rank)  # MLflow / TensorBoard on rank 0 (breakhis_ray.tracking)
     for epoch in range(loop.epoch, cfg.train.epochs):
         maybe_inject_failure(cfg.run, epoch, rank)
+        lr = set_epoch_lr(learner.scheduler, epoch)
         extra = dict(before_epoch(epoch)) if before_epoch else {}
-        train_sums = train_one_epoch(learner, batches(train_shard, cfg.train.batch_size))
-        val_batches = batches(val_shard, cfg.train.eval_batch_size) if evaluates_on_this_rank(rank) else []
+        start_step = loop.step
+        train_sums = train_one_epoch(learner, batches(train_shard, cfg.train.batch_size, epoch), skip=start_step,
+                                     totals=loop.sums, on_step=step_hook(loop, epoch, worker=worker,
+                                                                         learner=learner, save_kwargs=save_kwargs))
+        loop.step, loop.sums = 0, None
+        val_batches = batches(val_shard, cfg.train.eval_batch_size, None) if evaluates_on_this_rank(rank) else []
         val_sums = evaluate(learner, val_batches)
-        learner.scheduler.step()
         metrics = epoch_metrics(all_reduce_sums(train_sums, device), all_reduce_sums(val_sums, device), worker.world)
-        metrics.update(epoch=epoch + 1, **extra, lr=learner.optimizer.param_groups[-1]["lr"])
-        if finish_epoch(loop, metrics, worker=worker, tag=tag, line=describe(metrics), learner=learner,
-                        save_kwargs=save_kwargs):
+        metrics.update(epoch=epoch + 1, **extra, lr=lr, start_step=start_step)
+        stop = finish_epoch(loop, metrics, worker=worker, tag=tag, line=describe(metrics), learner=learner,
+                            save_kwargs=save_kwargs)
+        tracker.log_epoch(metrics)
+        if stop:
             break
+    tracker.close()
+
+
+def step_hook(loop: LoopState, epoch: int, *, worker: Worker, learner: Learner, save_kwargs: dict):
+    """``on_step`` for :func:`train_one_epoch`: every ``run.checkpoint_every_steps`` steps all ranks report a
+    mid-epoch checkpoint (rank 0 writes it: weights, optimiser, scheduler, every rank's RNG and partial sums,
+    the epoch and step), then the step's failure hook runs."""
+    from breakhis_ray.checkpoint import save_checkpoint
+
+    cfg, rank = worker.cfg, worker.rank
+    every, cap = cfg.run.checkpoint_every_steps, cfg.train.max_steps_per_epoch
+
+    def on_step(steps: int, totals: dict) -> None:
+        if every and steps % every == 0 and steps != cap:  # the epoch's end checkpoints the last step anyway
+            ranks = rank_states(totals)
+            state = loop.train_state(learner.optimizer, learner.scheduler, ranks, step=steps)
+            worst = float("-inf") if cfg.run.checkpoint_mode == "max" else float("inf")
+            # never ranked above an epoch's checkpoint; Ray keeps it while it is the latest
+            metrics = {"epoch": epoch, "step": steps, cfg.run.checkpoint_metric: worst}
+            report_epoch(metrics, rank, lambda d: save_checkpoint(d, learner.model, config=dump_config(cfg),
+                                                                  extra_state=state, metrics=metrics,
+                                                                  **save_kwargs))
+        maybe_inject_failure(cfg.run, epoch, rank, step=steps)
+
+    return on_step
 
 
 def finish_epoch(loop: LoopState, metrics: dict, *, worker: Worker, tag: str, line: str, learner: Learner,
@@ -201,7 +285,7 @@ def finish_epoch(loop: LoopState, metrics: dict, *, worker: Worker, tag: str, li
     if rank == 0:
         write_history(cfg.run, loop.history)
         log.info("[%s] epoch %d/%d %s", tag, loop.epoch, cfg.train.epochs, line)
-    train_state = loop.train_state(learner.optimizer, learner.scheduler)
+    train_state = loop.train_state(learner.optimizer, learner.scheduler, rank_states())
     report_epoch(metrics, rank, lambda d: save_checkpoint(d, learner.model, config=dump_config(cfg),
                                                           extra_state=train_state, metrics=metrics, **save_kwargs))
     if stop and rank == 0:
@@ -214,7 +298,8 @@ def evaluates_on_this_rank(rank: int) -> bool:
 
 
 def report_epoch(metrics: dict, rank: int, save: Callable[[str], Any]) -> None:
-    """Every rank reports once per epoch; rank 0 attaches a checkpoint written by ``save(directory)``."""
+    """Every rank reports once per epoch (and per mid-epoch checkpoint); rank 0 attaches a checkpoint written
+    by ``save(directory)``."""
     import tempfile
 
     import ray.train
@@ -227,18 +312,26 @@ def report_epoch(metrics: dict, rank: int, save: Callable[[str], Any]) -> None:
         ray.train.report(metrics, checkpoint=ckpt)
 
 
-def maybe_inject_failure(run: RunSection, epoch: int, rank: int) -> None:
-    """Chaos testing hook: fail once at ``run.inject_failure.epoch`` (a marker in storage stops repeats)."""
+def maybe_inject_failure(run: RunSection, epoch: int, rank: int, step: int | None = None) -> None:
+    """Chaos testing hook: fail once at ``run.inject_failure`` (``epoch``, and ``step`` steps into it when
+    set; a marker in storage stops repeats). ``kill``: SIGKILL to this process, as when a node dies."""
+    import signal
+
     spec = run.inject_failure
-    if spec is None or spec.epoch != epoch or spec.rank != rank:
+    if spec is None or spec.epoch != epoch or spec.rank != rank or spec.step != step:
         return
-    marker = storage.join(run.storage_path, run.name, f".injected-failure-epoch{epoch}")
+    name = f".injected-failure-epoch{epoch}" + (f"-step{step}" if step is not None else "")
+    marker = storage.join(run.storage_path, run.name, name)
     if storage.exists(marker):
         return
     storage.write_text(marker, "injected\n")
+    where = f"epoch {epoch}" + (f" step {step}" if step is not None else "")
     if spec.mode == "kill":
-        os._exit(1)
-    raise RuntimeError(f"injected failure at epoch {epoch} on rank {rank}")
+        log.warning("injected failure: killing rank %d (pid %d) at %s", rank, os.getpid(), where)
+        for handler in logging.getLogger("breakhis_ray").handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected failure at {where} on rank {rank}")
 
 
 def write_history(run: RunSection, history: list[dict]) -> None:
@@ -253,15 +346,21 @@ def read_history(run_dir: str) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------- checkpoints
-def checkpoint_epoch(uri: str) -> int:
-    """The epoch a checkpoint directory holds; -1 when it is incomplete (``meta.json`` is written last) or
-    foreign: such a directory is never resumed from."""
+def checkpoint_position(uri: str) -> tuple[int, int]:
+    """``(epochs done, steps done in the next epoch)`` of a checkpoint directory (step 0 at an epoch's end);
+    epoch -1 when it is incomplete (``meta.json`` is written last) or foreign: never resumed from."""
     from breakhis_ray.checkpoint import read_meta
 
     try:
-        return int((read_meta(uri).get("metrics") or {}).get("epoch", -1))
+        metrics = read_meta(uri).get("metrics") or {}
+        return int(metrics.get("epoch", -1)), int(metrics.get("step", 0))
     except (BreakhisError, ValueError, TypeError):
-        return -1
+        return -1, 0
+
+
+def checkpoint_epoch(uri: str) -> int:
+    """The epochs done in a checkpoint directory; -1 when it is incomplete or foreign."""
+    return checkpoint_position(uri)[0]
 
 
 def latest_checkpoint(run: RunSection, reported=None):
@@ -273,14 +372,14 @@ def latest_checkpoint(run: RunSection, reported=None):
     run_dir = storage.join(run.storage_path, run.name)
     candidates = []
     if reported is not None:
-        candidates.append((checkpoint_epoch(checkpoint_uri(run.storage_path, reported)), reported))
+        candidates.append((checkpoint_position(checkpoint_uri(run.storage_path, reported)), reported))
     if storage.exists(run_dir):
         metas = [u for u in storage.list_files(run_dir, suffixes=["meta.json"])
                  if u.rstrip("/").split("/")[-2].startswith("checkpoint_")]
         for meta in metas:
             folder = storage.parent(meta)
-            candidates.append((checkpoint_epoch(folder), folder))
-    candidates = [c for c in candidates if c[0] >= 0]
+            candidates.append((checkpoint_position(folder), folder))
+    candidates = [c for c in candidates if c[0][0] >= 0]
     if not candidates:
         return None
     _, best = max(candidates, key=lambda c: c[0])
@@ -291,7 +390,8 @@ def latest_checkpoint(run: RunSection, reported=None):
 
 
 def restore(checkpoint, model, optimizer, scheduler, device) -> dict | None:
-    """Load weights, optimiser, scheduler and RNG state from a Ray checkpoint; return the train state."""
+    """Load weights, optimiser and scheduler state from a Ray checkpoint; return the train state (RNG state
+    and partial sums per rank: :func:`restore_rank`)."""
     from breakhis_ray.checkpoint import load_state_dict, load_train_state, unwrap_model
 
     if checkpoint is None:
@@ -302,9 +402,7 @@ def restore(checkpoint, model, optimizer, scheduler, device) -> dict | None:
     if state is None:
         raise BreakhisError(f"checkpoint {checkpoint.path} has no train_state.pt: cannot resume from it")
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if "rng" in state:
-        set_rng_state(state["rng"])
+    load_scheduler_state(scheduler, state["scheduler"])
     return state
 
 
@@ -333,12 +431,14 @@ def quiet_data_progress(enabled: bool) -> None:
 
 
 def make_trainer(loop: Callable[[dict], None], cfg: StrictModel, scaling: ScalingSection, run: RunSection,
-                 datasets: dict):
+                 datasets: dict, ordered: bool = False):
     """A ``TorchTrainer`` whose workers receive ``dump_config(cfg)``; storage may be local or ``s3://``.
 
     Only ``train`` is split across workers. Ray's equal split drops the remainder rows, which is harmless for
     a shuffled training epoch but would silently shrink validation; so ``val`` stays whole and rank 0
-    evaluates it (`evaluates_on_this_rank`), its sums then shared with every rank.
+    evaluates it (`evaluates_on_this_rank`), its sums then shared with every rank. ``ordered``: the datasets
+    are read with Ray Data's ``preserve_order`` (the split then ignores locality and task timing: the same
+    rows reach the same rank in the same order, run after run).
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -349,7 +449,10 @@ def make_trainer(loop: Callable[[dict], None], cfg: StrictModel, scaling: Scalin
     fs, path = storage.resolve(run.storage_path)
     # Train V2 would tee a worker's print() into its logger too, so a line could reach the driver twice.
     # Workers keep freed memory (breakhis_ray.allocator): CPU steps otherwise re-fault activations every batch.
-    env = {**storage.credential_env(), **MODEL_PROCESS_ENV, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    # Object-storage credentials come from each node's environment, never from this runtime env.
+    env = {**MODEL_PROCESS_ENV, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if run.deterministic:  # read when cuBLAS starts: set before the worker process exists
+        env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     run_config = ray.train.RunConfig(
         name=run.name,
         storage_path=path,
@@ -372,8 +475,22 @@ def make_trainer(loop: Callable[[dict], None], cfg: StrictModel, scaling: Scalin
         torch_config=TorchConfig(backend=scaling.backend or ("nccl" if scaling.use_gpu else "gloo")),
         run_config=run_config,
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options(
+            datasets, ordered)),
     )
+
+
+def ingest_options(datasets: dict, ordered: bool) -> dict | None:
+    """Ray Train's default ingest options for every dataset, with ``preserve_order`` when ``ordered``."""
+    import ray.train
+
+    if not ordered:
+        return None
+    options = {}
+    for name in datasets:
+        options[name] = ray.train.DataConfig.default_ingest_options()
+        options[name].preserve_order = True
+    return options
 
 
 def fit(trainer, run_dir: str):
@@ -408,6 +525,17 @@ def summarise(run: RunSection, result, run_dir: str, tag: str) -> dict:
 
 
 def launch(loop: Callable[[dict], None], cfg, datasets: dict, run_dir: str, tag: str) -> dict:
-    """Build the trainer, run it to the end and summarise the run (:func:`summarise`)."""
-    trainer = make_trainer(loop, cfg, cfg.scaling, cfg.run, datasets)
-    return summarise(cfg.run, fit(trainer, run_dir), run_dir, tag)
+    """Build the trainer, run it to the end and summarise the run (:func:`summarise`). Data is read in order
+    when ``cfg.data.seed`` is set (reproducible runs)."""
+    trainer = make_trainer(loop, cfg, cfg.scaling, cfg.run, datasets, ordered=cfg.data.seed is not None)
+    tracked = start_training_run(cfg, run_dir)  # None unless tracking.mlflow_uri is set
+    try:
+        summary = summarise(cfg.run, fit(trainer, run_dir), run_dir, tag)
+    except BaseException:
+        if tracked is not None:
+            tracked.fail()
+        raise
+    if tracked is not None:
+        tracked.finish(summary)
+        summary["mlflow_run_id"] = tracked.ref.run_id
+    return summary

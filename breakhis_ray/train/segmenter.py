@@ -118,7 +118,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stats = functools.partial(batch_stats, threshold=cfg.train.threshold)
     learner = worker.learner(model, build_loss(cfg).to(worker.device), optimizer, scheduler, stats, ZERO_SUMS)
     run_epochs(worker, learner, tag=TAG, labels=LABELS, spec=spec, epoch_metrics=epoch_metrics, describe=describe,
-               batches=lambda shard, batch_size: iter_seg_batches(shard, batch_size, worker.device, spec))
+               batches=lambda shard, batch_size, epoch: iter_seg_batches(shard, batch_size, worker.device, spec,
+                                                                         epoch=epoch))
 
 
 # ----------------------------------------------------------------------------------------- driver

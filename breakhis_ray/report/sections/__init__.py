@@ -13,7 +13,7 @@ from markupsafe import Markup
 
 from breakhis_ray.config import ReportConfig
 from breakhis_ray.report.context import Context
-from breakhis_ray.report.sections import data, overview, reproduction, results, segmentation
+from breakhis_ray.report.sections import data, explanations, overview, reproduction, results, segmentation
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ REGISTRY: tuple[Section, ...] = (
     Section("training", "Training curves", results.training, lambda cfg: bool(cfg.train_runs)),
     Section("evaluation", "Evaluation", results.evaluation, lambda cfg: bool(cfg.metrics or cfg.predictions)),
     Section("predictions", "Sample predictions", results.predictions, lambda cfg: bool(cfg.predictions)),
+    Section("explanations", "Explanations (Grad-CAM)", explanations.gallery, lambda cfg: bool(cfg.predictions)),
     Section("segmentation", "Segmentation", segmentation.segmentation, lambda cfg: bool(cfg.segmentation)),
     Section("reproduction", "The papers' tables", reproduction.reproduction, lambda cfg: bool(cfg.grid)),
     Section("configuration", "Run configuration", overview.configuration, lambda cfg: True),

@@ -9,6 +9,7 @@ from markupsafe import Markup
 from breakhis_ray import storage
 from breakhis_ray.report import html
 from breakhis_ray.report.context import Context
+from breakhis_ray.report.sections.evaluation import report_threshold
 
 
 def model_card(ctx: Context) -> Markup:
@@ -21,8 +22,9 @@ def model_card(ctx: Context) -> Markup:
                      f"at 40X/100X/200X/400X, labelled benign or malignant with one of eight subtypes.")
     else:
         data_line = "not given to this report (set manifest=PATH)."
+    value, rule = report_threshold(ctx)
     return html.render("model_card.html.j2", data_source=cfg.data_source, data_line=data_line,
-                       threshold=f"{cfg.threshold:g}")
+                       threshold=f"{value:.4g} (rule: {rule})")
 
 
 def configuration(ctx: Context) -> Markup:

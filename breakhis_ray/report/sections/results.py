@@ -14,8 +14,9 @@ from breakhis_ray.domain import BENIGN, LABEL_IDS, MALIGNANT
 from breakhis_ray.papers import METRIC_LABELS
 from breakhis_ray.report import html, plots
 from breakhis_ray.report.context import Context
-from breakhis_ray.report.html import mean_std_text, pct
+from breakhis_ray.report.html import ci_suffix, ci_text, mean_std_text, pct
 from breakhis_ray.report.inputs import history_from_run, read_tile
+from breakhis_ray.report.sections import evaluation as extras
 
 #: Metric columns of the evaluation table, in order.
 EVAL_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "balanced_accuracy",
@@ -69,15 +70,20 @@ def training(ctx: Context) -> Markup:
 
 # ---------------------------------------------------------------------------------------- evaluation
 def metric_rows(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """Headers and rows of the evaluation table: overall, then per magnification (mean ± std over folds)."""
+    """Headers and rows of the evaluation table: overall, then per magnification (mean ± std over folds), each
+    value with its 95% interval where the JSON has one; macro F1 too in the subtype task."""
     summary = metrics.get("mean_std")
     scopes = [("overall", metrics.get("overall") or {}, (summary or {}).get("overall"))]
     for mag, values in (metrics.get("per_magnification") or {}).items():
         scopes.append((f"{mag}X", values, ((summary or {}).get("per_magnification") or {}).get(mag)))
-    headers = ["scope", "images", "patients", "errors", *[f"{METRIC_LABELS[k]} %" for k in EVAL_METRICS]]
+    keys = EVAL_METRICS + (("macro_f1",) if (metrics.get("overall") or {}).get("classes") else ())
+    labels = {**METRIC_LABELS, "macro_f1": "subtype macro F1"}
+    headers = ["scope", "images", "patients", "errors", *[f"{labels[k]} %" for k in keys]]
     rows = []
     for name, values, stats in scopes:
-        cells = [mean_std_text(stats.get(k)) if stats else pct(values.get(k)) for k in EVAL_METRICS]
+        ci = values.get("ci95") or {}
+        cells = [mean_std_text(stats.get(k)) + ci_suffix(ci.get(k)) if stats else ci_text(values.get(k), ci.get(k))
+                 for k in keys]
         rows.append([name, values.get("n_images", "n/a"), values.get("n_patients", "n/a"),
                      values.get("n_errors", 0), *cells])
     return headers, rows
@@ -104,7 +110,8 @@ def _metrics_parts(ctx: Context, metrics: Mapping[str, Any]) -> list[Markup]:
     kind = "warn" if protocol == "image" else ""
     parts = [html.note(Markup("<strong>Evaluation set:</strong> {}. <strong>Split protocol:</strong> {} ({}).")
                        .format(metrics.get("evaluation_set", "n/a"), protocol or "not stated",
-                               metrics.get("protocol_note", "")), kind)]
+                               metrics.get("protocol_note", "")), kind),
+             extras.protocol_note(metrics), extras.threshold_note(metrics), extras.interval_note(metrics)]
     n_folds = metrics.get("n_folds", 1)
     if metrics.get("mean_std"):
         parts.append(html.note(f"Values are mean ± std over {n_folds} folds; images, patients and errors are "
@@ -120,9 +127,12 @@ def _metrics_parts(ctx: Context, metrics: Mapping[str, Any]) -> list[Markup]:
     headers, rows = metric_rows(metrics)
     parts += [html.heading("Overall and per magnification (malignant = positive class)"),
               html.table_html(headers, rows)]
-    matrices = {"overall": (metrics.get("overall") or {}).get("confusion_matrix")}
+    def binary(values: Mapping[str, Any]) -> Any:  # the subtype task keeps the 2x2 one beside its 8x8
+        return values.get("binary_confusion_matrix", values.get("confusion_matrix"))
+
+    matrices = {"overall": binary(metrics.get("overall") or {})}
     for mag, values in (metrics.get("per_magnification") or {}).items():
-        matrices[f"{mag}X"] = values.get("confusion_matrix")
+        matrices[f"{mag}X"] = binary(values)
     parts.append(ctx.figures.add("confusion-matrices", plots.confusion_matrices(matrices),
                                  "Confusion matrices (rows: true class, columns: predicted), overall and "
                                  "per magnification."))
@@ -139,6 +149,9 @@ def _metrics_parts(ctx: Context, metrics: Mapping[str, Any]) -> list[Markup]:
                                                    errors=errors, title="Per magnification"),
             "Image recognition rate (accuracy), patient recognition rate, patient diagnosis accuracy and F1 "
             "per magnification" + (" (error bars: std over folds)." if errors else ".")))
+    parts += extras.aggregation_parts(metrics)
+    parts += extras.calibration_parts(ctx, metrics)
+    parts += extras.subtype_parts(ctx, metrics)
     subtypes = metrics.get("per_subtype") or {}
     if subtypes:
         rows = [[name, v.get("label", ""), v.get("n_images", "n/a"), v.get("n_patients", "n/a"),
@@ -215,10 +228,11 @@ def predictions(ctx: Context) -> Markup:
     if candidates.empty:
         return html.join(parts + [html.note("No successful prediction to show.")])
     picked = pick_tiles(candidates, cfg.sample_tiles, cfg.seed)
+    threshold = extras.report_threshold(ctx)[0]
     tiles, rows = [], []
     for _, r in picked.iterrows():
         prob = float(r["prob_malignant"])
-        pred = MALIGNANT if prob >= cfg.threshold else BENIGN
+        pred = MALIGNANT if prob >= threshold else BENIGN
         true = None if pd.isna(r.get("label_id")) else (MALIGNANT if int(r["label_id"]) == 1 else BENIGN)
         correct = None if true is None else true == pred
         conf = prob if pred == MALIGNANT else 1.0 - prob
