@@ -105,6 +105,11 @@ def _rate(count: int, seconds: float) -> float:
     return round(count / seconds, 2) if seconds > 0 else float("inf")
 
 
+def _sig(ratio: float) -> float:
+    """A ratio to 3 significant digits (a tiny one stays above 0)."""
+    return float(f"{ratio:.3g}")
+
+
 def profile_text(func, top: int = 18) -> str:
     """Run ``func()`` under cProfile; the ``top`` functions by cumulative time, as text."""
     import cProfile
@@ -394,8 +399,8 @@ def derived_ratios(entry: dict[str, Any], cores: int, threads: int, concurrency:
         "raw_kind": raw_kind,
         "raw_images_per_s": raw,
         "steady_images_per_s": steady,
-        "ratio_vs_raw": round(steady / raw, 3),
-        "ratio_vs_raw_end_to_end": round(entry["pipeline_scale_n"]["images_per_s"] / raw, 3),
+        "ratio_vs_raw": _sig(steady / raw),
+        "ratio_vs_raw_end_to_end": _sig(entry["pipeline_scale_n"]["images_per_s"] / raw),
         "attainable_images_per_s": round(attainable, 2),
-        "ratio_vs_attainable": round(steady / attainable, 3),
+        "ratio_vs_attainable": _sig(steady / attainable),
     }

@@ -201,7 +201,8 @@ def _bench_decode(paths: list[str], backend: str = "pil", size: int | None = Non
 
 # ---------------------------------------------------------------------------------------------- driver
 def _ratio(a: float, b: float) -> float:
-    return round(a / b, 3) if b > 0 else float("inf")
+    """``a / b`` to 3 significant digits (``inf`` for ``b = 0``)."""
+    return float(f"{a / b:.3g}") if b > 0 else float("inf")
 
 
 def _marginal(small: tuple[int, float], large: tuple[int, float]) -> float:

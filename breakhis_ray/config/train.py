@@ -60,6 +60,9 @@ class DataConfig(StrictModel):
     shuffle: Literal["none", "blocks", "full"] = Field(
         default="blocks", description="train order each epoch: block order (cheap) or a full shuffle")
     block_rows: int = Field(default=64, ge=1, description="rows per cached train block (unit of block shuffling)")
+    shuffle_buffer: int = Field(default=1024, ge=0, description="rows of each training rank's local shuffle "
+                                "buffer (Ray Data's local_shuffle_buffer_size, seeded by seed, epoch and rank), "
+                                "so no batch is a run of one patient or class from one block; 0: off")
     read_num_cpus: float | None = Field(default=None, gt=0.0)
     decode_batch_size: int = Field(default=32, ge=1)
     decode_num_cpus: float = Field(default=0.5, gt=0.0)

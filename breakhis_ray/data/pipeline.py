@@ -10,6 +10,11 @@ Per split (``train`` / ``val`` / ``test`` of the fold the shards were prepared f
       -> materialize()                                         train and val: decoded once, cached
       -> randomize_block_order / random_shuffle                train: a new order every epoch
       -> map_batches(RandomAugment)                            train: new random draws every epoch
+      -> iter_torch_batches(local shuffle buffer)              train, per rank: rows mixed across blocks
+
+The local shuffle matters: shards keep ``prepare``'s row order (by class, subtype and patient), so a block is
+mostly one class and one patient, and without mixing a batch would be too: BatchNorm then normalises the class
+difference away and a small CNN learns close to nothing.
 
 Determinism (``DataConfig.seed`` set): train and val run :func:`ordered` (Ray Data's ``preserve_order``:
 blocks leave every stage, and Ray Train's split of ``train`` hands them to the ranks, in an order that does
@@ -382,6 +387,13 @@ def split_class_counts(cfg: DataConfig, task: str = "binary", split: str = "trai
 
 
 # --------------------------------------------------------------------------------------- train-side batches
+def local_shuffle_seed(seed: int | None, epoch: int, rank: int) -> int | None:
+    """The seed of one rank's local shuffle buffer in one epoch (``None`` with ``seed`` None: fresh entropy)."""
+    if seed is None:
+        return None
+    return int(np.random.SeedSequence([int(seed) & (2**63 - 1), int(epoch), int(rank), 0x5EED]).generate_state(1)[0])
+
+
 def check_epoch(aug_epochs: np.ndarray, epoch: int) -> None:
     """Stop when a training batch of ``epoch`` holds rows augmented for another epoch (``aug_epoch``)."""
     wrong = sorted(set(np.unique(np.asarray(aug_epochs)).tolist()) - {epoch})

@@ -2,8 +2,9 @@
 
 Both normalisers share one interface: ``fit(reference_uint8) -> self``, ``transform(uint8 HxWx3) -> uint8``,
 ``transform_float`` (the same result before its uint8 rounding: optical density or ``l-alpha-beta``, ``None``
-for a tile left unchanged), ``to_dict()`` (JSON-safe fitted parameters, stored in :class:`~breakhis_ray.data.transforms.PreprocessSpec`
-as ``stain_reference``) and construction from those parameters (:func:`get_normalizer`).
+for a tile left unchanged), ``to_dict()`` (JSON-safe fitted parameters, stored in
+:class:`~breakhis_ray.data.transforms.PreprocessSpec` as ``stain_reference``) and construction from those
+parameters (:func:`get_normalizer`).
 
 * **Macenko**: optical density (Beer-Lambert, :mod:`breakhis_ray.data.stain`) of tissue pixels (every channel
   above ``beta``); the plane of the two main eigenvectors; the robust extreme angles (``alpha`` and

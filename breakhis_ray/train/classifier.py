@@ -175,7 +175,7 @@ def describe(metrics: dict) -> str:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
-    from breakhis_ray.data.pipeline import iter_train_batches
+    from breakhis_ray.data.pipeline import iter_train_batches, local_shuffle_seed
     from breakhis_ray.models import set_backbone_trainable
 
     worker = start_worker(TrainConfig, config)
@@ -195,8 +195,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return {"backbone_frozen": frozen}
 
     def batches(shard, batch_size: int, epoch: int | None):
+        if epoch is None:  # validation: in order, as stored
+            return iter_train_batches(shard, batch_size, worker.device, spec, in_channels=cfg.model.in_channels)
         return iter_train_batches(shard, batch_size, worker.device, spec, in_channels=cfg.model.in_channels,
-                                  epoch=epoch)
+                                  epoch=epoch, shuffle_buffer=cfg.data.shuffle_buffer or None,
+                                  shuffle_seed=local_shuffle_seed(cfg.data.seed, epoch, worker.rank))
 
     run_epochs(worker, learner, tag=TAG, labels=labels, spec=spec, batches=batches, epoch_metrics=metrics_of,
                describe=describe, before_epoch=before_epoch)
