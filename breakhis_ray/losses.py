@@ -125,15 +125,25 @@ class FocalLoss(nn.Module):
         return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
 
 
-def inverse_frequency_weights(class_counts: Sequence[int | float]) -> list[float]:
-    """``n_total / (n_classes * n_c)`` per class (scikit-learn's "balanced"): mean weight over images is 1."""
+def inverse_frequency_weights(class_counts: Sequence[int | float], absent: str = "error") -> list[float]:
+    """``n_total / (n_classes * n_c)`` per class (scikit-learn's "balanced"): mean weight over images is 1.
+
+    A class with no images is an error (``absent="error"``), or (``absent="ignore"``) gets weight 0 while the
+    others are balanced among themselves (``n_classes`` = the classes present): a class absent from the training
+    labels never enters a class-weighted loss, whatever its weight.
+    """
     counts = [float(c) for c in class_counts]
     if len(counts) < 2:
         raise ConfigError(f"class_counts needs one count per class (at least 2), got {list(class_counts)}")
-    if any(not math.isfinite(c) or c <= 0 for c in counts):
+    if any(not math.isfinite(c) or c < 0 for c in counts):
+        raise ConfigError(f"class_counts must be finite and >= 0, got {counts}")
+    present = [c for c in counts if c > 0]
+    if absent != "ignore" and len(present) < len(counts):
         raise ConfigError(f"class_counts must all be > 0 (a class without images cannot be weighted), got {counts}")
-    total = sum(counts)
-    return [total / (len(counts) * c) for c in counts]
+    if not present:
+        raise ConfigError(f"class_counts has no class with images, got {counts}")
+    total = sum(present)
+    return [total / (len(present) * c) if c > 0 else 0.0 for c in counts]
 
 
 def create_loss(
@@ -143,13 +153,15 @@ def create_loss(
     gamma: float = 2.0,
     label_smoothing: float = 0.0,
     num_classes: int | None = None,
+    absent_classes: str = "error",
 ) -> nn.Module:
     """Loss module by name: ``ce``, ``weighted_ce`` (inverse-frequency weights from ``class_counts``)
     or ``focal`` (``alpha``, ``gamma``). ``label_smoothing`` applies to the cross-entropy losses only.
 
     Focal ``alpha="balanced"`` takes the inverse-frequency weights of ``class_counts`` as per-class alpha (the
     class-balanced focal loss, any number of classes). ``num_classes``, when given, is checked against
-    ``class_counts`` and a per-class ``alpha``.
+    ``class_counts`` and a per-class ``alpha``. ``absent_classes="ignore"``: a class with a zero count gets
+    weight 0 instead of an error (:func:`inverse_frequency_weights`).
     """
     if class_counts is not None and num_classes is not None and len(class_counts) != num_classes:
         raise ConfigError(f"class_counts has {len(class_counts)} counts for {num_classes} classes")
@@ -166,7 +178,7 @@ def create_loss(
     if name == "weighted_ce":
         if class_counts is None:
             raise ConfigError("loss 'weighted_ce' needs class_counts (images per class in the training split)")
-        weight = torch.tensor(inverse_frequency_weights(class_counts), dtype=torch.float32)
+        weight = torch.tensor(inverse_frequency_weights(class_counts, absent_classes), dtype=torch.float32)
         return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
     if label_smoothing:
         raise ConfigError("label_smoothing is supported by the 'ce' and 'weighted_ce' losses only, not 'focal'")
@@ -177,7 +189,7 @@ def create_loss(
             raise ConfigError(f"focal alpha must be a number, a list of weights, 'balanced' or null, got {alpha!r}")
         if class_counts is None:
             raise ConfigError("focal alpha 'balanced' needs class_counts (images per class in the training split)")
-        alpha = inverse_frequency_weights(class_counts)
+        alpha = inverse_frequency_weights(class_counts, absent_classes)
     return FocalLoss(alpha=alpha, gamma=gamma, num_classes=num_classes)
 
 

@@ -21,7 +21,7 @@ TINY = [
     "train.models=[tiny_cnn]", "train.image_size=32", "train.batch_size=8", "train.steps=3", "train.warmup_steps=1",
     "train.warmup_s=0", "train.scale_workers=0",  # the 2-worker TorchTrainer start-up alone is ~20 s
     "inference.n_images=4", "inference.scale=2", "inference.input_size=32", "inference.segment_size=64",
-    "inference.image_size=[92,140]", "inference.batch_size=4", "inference.batch_sweep=[2,4]",
+    "inference.image_size=[92,140]", "inference.batch_size=4", "inference.forward_sweep=[2,4]",
     "synth.patients=2", "synth.fraction=0.0001", "synth.size=140x92",
 ]
 CONTRACT = [

@@ -102,6 +102,17 @@ def test_class_balanced_focal_alpha_from_class_counts():
     assert torch.allclose(weighted.weight, torch.tensor(weights, dtype=torch.float32))
     with pytest.raises(ConfigError, match="needs class_counts"):
         create_loss("focal", alpha="balanced")
+    # a subtype with no training image (a fold whose few patients of it sit in val/test): weight 0 when asked
+    absent = [10, 40, 5, 20, 80, 0, 12, 18]
+    with pytest.raises(ConfigError, match="must all be > 0"):
+        create_loss("focal", class_counts=absent, alpha="balanced")
+    ignored = create_loss("focal", class_counts=absent, alpha="balanced", absent_classes="ignore")
+    present = [c for c in absent if c]
+    assert ignored.alpha[5] == 0.0
+    assert [a for a in ignored.alpha if a] == pytest.approx(inverse_frequency_weights(present))
+    y_present = y[y != 5]
+    assert float(ignored(logits[y != 5], y_present)) == pytest.approx(
+        float(focal_loss(logits[y != 5], y_present, alpha=list(ignored.alpha), gamma=2.0)))
     with pytest.raises(ConfigError, match="8 classes"):
         create_loss("focal", class_counts=[1, 2], alpha="balanced", num_classes=8)
     with pytest.raises(ConfigError, match="2 weights for num_classes=8"):

@@ -151,45 +151,52 @@ def raw_baselines(classifier: str, segmenter: str | None, encoded: list[bytes], 
         if profile:
             out["profile"] = profile_text(lambda: [predictor(b) for b in batches])
         if segmenter is None:
-            layout = predictor.memory_format  # the model's best: the layout the Predictor runs it in
+            # the model at its best: the layout and forward batch size the Predictor runs it with
+            layout, step = predictor.memory_format, predictor.forward_batch_size or batch_size
             with torch.inference_mode():
                 tensors = [torch.from_numpy(b["_image"]) for b in batches]
-                predictor.model(normalize(tensors[0], predictor.spec).contiguous(memory_format=layout))
+                predictor.model(normalize(tensors[0], predictor.spec).contiguous(memory_format=layout)[:step])
                 start = time.perf_counter()
-                for x in tensors:
-                    predictor.model(normalize(x.to(predictor.device), predictor.spec).contiguous(memory_format=layout))
+                for t in tensors:
+                    x = normalize(t.to(predictor.device), predictor.spec).contiguous(memory_format=layout)
+                    for i in range(0, len(x), step):
+                        predictor.model(x[i:i + step])
                 forward_s = time.perf_counter() - start
             out["raw_forward_images_per_s"] = _rate(n, forward_s)
+            out["forward_batch_size"] = step
         return out
     finally:
         torch.set_num_threads(previous)
 
 
-def batch_sweep(classifier: str, segmenter: str | None, encoded: list[bytes], sizes: list[int],
-                threads: int) -> dict[str, float]:
-    """Raw Predictor img/s at each batch size in ``sizes`` (the images repeated to fill two batches of the
-    largest), in this process with ``threads`` torch threads: where ``infer.batch_size`` comes from."""
+def forward_sweep(classifier: str, encoded: list[bytes], sizes: list[int], threads: int) -> dict[str, float]:
+    """The classifier's forward alone (pre-decoded, normalised, in the Predictor's layout) in img/s at each
+    forward batch size in ``sizes``, interleaved and best of 3, with ``threads`` torch threads: where
+    :data:`~breakhis_ray.inference.predictor.CPU_FORWARD_BATCH` comes from."""
     import torch
 
+    from breakhis_ray.data.transforms import normalize
     from breakhis_ray.inference import Predictor
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        predictor = Predictor.from_checkpoint(classifier, segmenter, torch_threads=threads)
-        decoded = predictor.decode(encoded)
+        predictor = Predictor.from_checkpoint(classifier, torch_threads=threads)
+        images = torch.from_numpy(predictor.decode(encoded)["_image"])
         need = 2 * max(sizes)
-        reps = -(-need // len(encoded))
-        batch = {k: np.concatenate([v] * reps)[:need] for k, v in decoded.items()}
-        out = {}
-        for size in sizes:
-            parts = [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, need, size)]
-            predictor(parts[0])  # warm-up at this shape
-            start = time.perf_counter()
-            for part in parts:
-                predictor(part)
-            out[str(size)] = _rate(need, time.perf_counter() - start)
-        return out
+        images = images.repeat(-(-need // len(images)), 1, 1, 1)[:need]
+        x = normalize(images, predictor.spec).contiguous(memory_format=predictor.memory_format)
+        best = {size: float("inf") for size in sizes}
+        with torch.inference_mode():
+            for size in sizes:
+                predictor.model(x[:size])
+            for _ in range(3):
+                for size in sizes:
+                    start = time.perf_counter()
+                    for i in range(0, need, size):
+                        predictor.model(x[i:i + size])
+                    best[size] = min(best[size], time.perf_counter() - start)
+        return {str(size): _rate(need, seconds) for size, seconds in best.items()}
     finally:
         torch.set_num_threads(previous)
 
@@ -330,6 +337,8 @@ def run_inference_benchmark(
         "cores": cpu_count(),
         "workdir": str(work),
     }
+    if section.forward_sweep:
+        results["forward_sweep_images_per_s"] = forward_sweep(clf_ckpt, encoded, section.forward_sweep, threads)
     from breakhis_ray.inference import resolve_sizes
 
     # One unmeasured run first: the first Ray Data execution of a process pays one-time costs (worker
@@ -342,8 +351,6 @@ def run_inference_benchmark(
                                  "decode_1core_pil_images_per_s": decode_rate(encoded, prep, seg_size, "pil")}
         entry["decode_limit_images_per_s"] = round(entry["decode_1core_images_per_s"] * results["cores"], 2)
         entry.update(raw_baselines(clf_ckpt, segmenter, encoded, batch_size, threads, profile=profile))
-        if section.batch_sweep:
-            entry["batch_sweep_images_per_s"] = batch_sweep(clf_ckpt, segmenter, encoded, section.batch_sweep, threads)
         for label, root, count in (("n", small_root, n_images), ("scale_n", work / "images_big", big)):
             values = {
                 "input": str(root), "out": str(work / f"out-{stamp}-{mode}-{label}"), "classifier": clf_ckpt,

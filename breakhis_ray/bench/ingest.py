@@ -25,6 +25,11 @@ marginal rate ``N / (t(2N) - t(N))``. ``ratio_vs_dataloader`` is the steady Ray 
 shards against the steady PIL DataLoader; ``ratio_same_decoder`` against the steady DataLoader with the fast
 decoder; ``ratios`` holds the others. Each pass runs ``repeats`` times, interleaved, and the fastest counts.
 
+``cpu_ms_per_image``: the CPU time of every process of this run's tree (driver, DataLoader workers, raylet, GCS,
+Ray workers), sampled from ``/proc`` while a pass runs, per extra image from N to 2N: what each loader costs
+per image whatever other processes do to its wall time (on a shared machine wall-clock rates follow the load;
+CPU per image barely does). ``dataloader_vs_ray_shards_cpu_per_image`` > 1: Ray Data spends less CPU per image.
+
 Data: a small synthetic BreakHis (:func:`breakhis_ray.data.synthetic.run_synth`, about ``n_images``
 images) prepared twice with :func:`breakhis_ray.data.shards.run_prepare` (``source="synthetic"``), or
 smooth random PNGs and shards written here (``source="random"``, faster to make).
@@ -200,8 +205,10 @@ def _bench_decode(paths: list[str], backend: str = "pil", size: int | None = Non
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def _ratio(a: float, b: float) -> float:
-    """``a / b`` to 3 significant digits (``inf`` for ``b = 0``)."""
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b`` to 3 significant digits (``inf`` for ``b = 0``; ``None`` when either is unknown)."""
+    if a is None or b is None:
+        return None
     return float(f"{a / b:.3g}") if b > 0 else float("inf")
 
 
@@ -215,6 +222,13 @@ def _marginal(small: tuple[int, float], large: tuple[int, float]) -> float:
 def _best(runs: list[tuple[int, float]]) -> tuple[int, float]:
     """The fastest of repeated passes over the same images (load from other processes only slows a pass)."""
     return min(runs, key=lambda r: r[1])
+
+
+def _cpu_ms_per_image(small: tuple[int, float], large: tuple[int, float]) -> float | None:
+    """Marginal CPU milliseconds (all processes of this run's tree) per extra image from N to 2N (``None``
+    when the sampling resolution hides it)."""
+    extra_n, extra_s = large[0] - small[0], large[1] - small[1]
+    return round(1000 * extra_s / extra_n, 2) if extra_n > 0 and extra_s > 0 else None
 
 
 def run_ingest_benchmark(section: "BenchIngestSection", *, seed: int = 0,
@@ -250,10 +264,21 @@ def run_ingest_benchmark(section: "BenchIngestSection", *, seed: int = 0,
         workdir = own_tmp.name
     work = Path(workdir)
     ensure_ray(RayConfig(num_cpus=cores))
+    from breakhis_ray.bench.memory import OthersCpu
+
     runs: dict[str, list[tuple[int, float]]] = {}
+    cpu: dict[str, list[tuple[int, float]]] = {}
 
     def record(name: str, result: tuple[int, float]) -> None:
         runs.setdefault(name, []).append(result)
+
+    def timed(name: str, func):
+        """Run one streaming pass; record its wall time and the CPU seconds of this run's process tree."""
+        with OthersCpu(interval=0.2) as own:
+            result = func()
+        record(name, result[:2])
+        cpu.setdefault(name, []).append((result[0], own.own_seconds))
+        return result
 
     try:
         t0 = time.perf_counter()
@@ -276,13 +301,12 @@ def run_ingest_benchmark(section: "BenchIngestSection", *, seed: int = 0,
             record("pil_decode_resize_1core", _bench_decode(sample, "pil", size))
             record("fast_decode_resize_1core", _bench_decode(sample, fast, size))
             for name, backend in (("dataloader", "pil"), ("dataloader_fast", fast)):
-                record(name, _bench_dataloader(paths, spec, batch_size, workers, backend))
-                record(f"{name}_2n", _bench_dataloader(paths + paths, spec, batch_size, workers, backend))
-            n, first, _, stats = _bench_ray(full, spec, batch_size, data_kw)
-            record("ray_shards", (n, first))
-            record("ray_shards_2n", _bench_ray(full_2n, spec, batch_size, data_kw)[:2])
-            record("ray_shards_resized", _bench_ray(resized, spec, batch_size, data_kw)[:2])
-            record("ray_shards_resized_2n", _bench_ray(resized_2n, spec, batch_size, data_kw)[:2])
+                timed(name, lambda: _bench_dataloader(paths, spec, batch_size, workers, backend))
+                timed(f"{name}_2n", lambda: _bench_dataloader(paths + paths, spec, batch_size, workers, backend))
+            stats = timed("ray_shards", lambda: _bench_ray(full, spec, batch_size, data_kw))[3]
+            timed("ray_shards_2n", lambda: _bench_ray(full_2n, spec, batch_size, data_kw))
+            timed("ray_shards_resized", lambda: _bench_ray(resized, spec, batch_size, data_kw))
+            timed("ray_shards_resized_2n", lambda: _bench_ray(resized_2n, spec, batch_size, data_kw))
         n, materialize_s, cached_s, _ = _bench_ray(full, spec, batch_size, data_kw, cached=True)
         record("ray_materialize", (n, materialize_s))
         record("ray_cached_epoch", (n, cached_s))
@@ -296,6 +320,9 @@ def run_ingest_benchmark(section: "BenchIngestSection", *, seed: int = 0,
     rates["fast_decode_limit"] = rates["fast_decode_1core"] * cores
     rates["fast_decode_resize_limit"] = rates["fast_decode_resize_1core"] * cores
     steady = {name: _marginal(results[name], results[f"{name}_2n"])
+              for name in ("ray_shards", "ray_shards_resized", "dataloader", "dataloader_fast")}
+    cpu_best = {name: min(r, key=lambda x: x[1]) for name, r in cpu.items()}
+    cpu_ms = {name: _cpu_ms_per_image(cpu_best[name], cpu_best[f"{name}_2n"])
               for name in ("ray_shards", "ray_shards_resized", "dataloader", "dataloader_fast")}
     dl = rates["dataloader"]
     summary = {
@@ -316,11 +343,14 @@ def run_ingest_benchmark(section: "BenchIngestSection", *, seed: int = 0,
         "images_per_s": {name: round(r, 1) for name, r in rates.items()},
         "steady_images_per_s": {name: round(r, 1) for name, r in steady.items()},
         "decode_backends_1core": backends,
+        "cpu_ms_per_image": cpu_ms,
         "ratio_vs_dataloader": _ratio(steady["ray_shards"], steady["dataloader"]),
         "ratio_same_decoder": _ratio(steady["ray_shards"], steady["dataloader_fast"]),
         "ratios": {
             "ray_shards_vs_dataloader_steady": _ratio(steady["ray_shards"], steady["dataloader"]),
             "ray_shards_vs_dataloader_fast_steady": _ratio(steady["ray_shards"], steady["dataloader_fast"]),
+            "dataloader_vs_ray_shards_cpu_per_image": _ratio(cpu_ms["dataloader"], cpu_ms["ray_shards"]),
+            "dataloader_fast_vs_ray_shards_cpu_per_image": _ratio(cpu_ms["dataloader_fast"], cpu_ms["ray_shards"]),
             "dataloader_fast_vs_dataloader_steady": _ratio(steady["dataloader_fast"], steady["dataloader"]),
             "ray_shards_resized_vs_dataloader_steady": _ratio(steady["ray_shards_resized"], steady["dataloader"]),
             "ray_shards_vs_dataloader": _ratio(rates["ray_shards"], dl),

@@ -60,6 +60,10 @@ def _rate(value: float) -> str:
     return f"{value:.1f} img/s"
 
 
+def _ms(value: float | None) -> str:
+    return "?" if value is None else f"{value:.1f} ms/img"
+
+
 def _ingest_rows(r: dict, targets: dict) -> list[str]:
     rates, steady, ratios = r["images_per_s"], r["steady_images_per_s"], r["ratios"]
     dl, dl_steady = _rate(rates["dataloader"]), _rate(steady["dataloader"])
@@ -85,6 +89,11 @@ def _ingest_rows(r: dict, targets: dict) -> list[str]:
              ratios["dataloader_steady_vs_decode_limit"]),
         _row(targets, "Ray Data steady vs fast decode+resize limit", _rate(steady["ray_shards"]),
              _rate(rates["fast_decode_resize_limit"]), ratios["ray_shards_steady_vs_fast_decode_resize_limit"]),
+        _row(targets, "CPU per image: PIL DataLoader / Ray Data", _ms(r["cpu_ms_per_image"]["dataloader"]),
+             _ms(r["cpu_ms_per_image"]["ray_shards"]), ratios["dataloader_vs_ray_shards_cpu_per_image"]),
+        _row(targets, f"CPU per image: {r['decode_backend']} DataLoader / Ray Data",
+             _ms(r["cpu_ms_per_image"]["dataloader_fast"]), _ms(r["cpu_ms_per_image"]["ray_shards"]),
+             ratios["dataloader_fast_vs_ray_shards_cpu_per_image"]),
     ]
 
 
@@ -219,6 +228,10 @@ def _train_profile(r: dict) -> list[str]:
 
 def _inference_profile(r: dict, pieces: dict[str, str]) -> list[str]:
     lines = []
+    sweep = r.get("forward_sweep_images_per_s")
+    if sweep:
+        lines.append(f"  classifier forward alone, img/s by forward batch size ({r['actor']['torch_threads']} thread(s), "
+                     "channels-last): " + ", ".join(f"{k}: {v:.1f}" for k, v in sweep.items()))
     for mode in ("classifier", "unet_classifier"):
         e = r[mode]
         lines.append(f"  {mode}: decode+resize {1000 / e['decode_1core_images_per_s']:.1f} ms/img on 1 core, "

@@ -62,8 +62,8 @@ class BenchInferenceSection(StrictModel):
     concurrency: int = Field(default=1, ge=1)
     decode_num_cpus: float = Field(default=1.0, gt=0.0, description="as InferConfig")
     decode_batch_size: int = Field(default=16, ge=1, description="as InferConfig")
-    batch_sweep: list[int] = Field(default=[8, 16, 32, 64], description="batch sizes of the raw Predictor "
-                                   "sweep per mode ([]: none)")
+    forward_sweep: list[int] = Field(default=[1, 2, 4, 8, 16, 32], description="forward batch sizes of the "
+                                     "classifier sweep ([]: none)")
     profile: bool = Field(default=True, description="cProfile one raw Predictor pass per mode and one more "
                           "classifier pipeline pass at scale x N for Ray Data's per-operator statistics")
     explain: bool = Field(default=True, description="also measure the classifier with --explain gradcam (raw "

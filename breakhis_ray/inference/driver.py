@@ -47,6 +47,7 @@ def _predictor_kwargs(cfg: InferConfig, segment_size, run_id: str) -> dict:
         "explain_target_layer": cfg.explain.target_layer,
         "heatmap_dir": storage.join(cfg.out, HEATMAPS_DIR) if cfg.explain.method else None,
         "torch_threads": cfg.torch_threads or max(1, round(cfg.num_cpus)),
+        "forward_batch_size": cfg.forward_batch_size,
         "mask_dir": storage.join(cfg.out, MASKS_DIR) if cfg.write_masks and cfg.segmenter else None,
         "run_id": run_id,
     }

@@ -35,6 +35,11 @@ from breakhis_ray.inference.schema import (
 )
 
 
+#: Images per classifier forward pass on CPU: small batches keep the activations in cache (measured with
+#: ``breakhis-ray bench``'s batch sweep; docs/BENCHMARKS.md).
+CPU_FORWARD_BATCH = 4
+
+
 def new_run_id() -> str:
     """A sortable, unique id for one run (``20250101T120000Z-1a2b3c``)."""
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
@@ -139,7 +144,8 @@ class Predictor:
 
     ``channels_last``: the classifier and its inputs in channels-last layout (``memory_format``), the faster
     convolution layout of oneDNN (CPU) and cuDNN (measured: docs/BENCHMARKS.md); the model runs under
-    ``torch.inference_mode``.
+    ``torch.inference_mode``. ``forward_batch_size``: images per classifier forward pass within a batch
+    (``None``: :data:`CPU_FORWARD_BATCH` on CPU, the whole batch on GPU).
     """
 
     def __init__(
@@ -159,6 +165,7 @@ class Predictor:
         explain_target_layer: str | None = None,
         heatmap_dir: str | None = None,
         channels_last: bool = True,
+        forward_batch_size: int | None = None,
     ) -> None:
         import torch
 
@@ -179,6 +186,7 @@ class Predictor:
         self.model, self.meta = load_model(self.classifier_uri.rstrip("/"), map_location=self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
+        self.forward_batch_size = forward_batch_size or (CPU_FORWARD_BATCH if self.device.type == "cpu" else None)
         self.labels = list(self.meta["labels"])
         self.subtype = tuple(self.labels) == SUBTYPE_CLASSES
         # the classes whose probabilities add up to prob_malignant
@@ -254,8 +262,10 @@ class Predictor:
         from breakhis_ray.inference.tta import class_probabilities
 
         x = self._model_input(images)
+        step = self.forward_batch_size or len(x)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            probs = class_probabilities(self.model, x, temperature=self.temperature, tta=self.tta)
+            probs = torch.cat([class_probabilities(self.model, x[i:i + step], temperature=self.temperature,
+                                                   tta=self.tta) for i in range(0, len(x), step)])
         return probs.cpu().numpy().astype(np.float32)
 
     def _model_input(self, images: np.ndarray):

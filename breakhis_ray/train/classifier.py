@@ -98,7 +98,7 @@ def build_loss(cfg: TrainConfig):
 
     return create_loss(cfg.loss.name, class_counts=cfg.loss.class_counts, alpha=cfg.loss.alpha,
                        gamma=cfg.loss.gamma, label_smoothing=cfg.loss.label_smoothing,
-                       num_classes=len(task_classes(cfg.task)))
+                       num_classes=len(task_classes(cfg.task)), absent_classes="ignore")
 
 
 def needs_class_counts(cfg: TrainConfig) -> bool:
@@ -227,6 +227,10 @@ def run_train(cfg: TrainConfig) -> dict:
     datasets = build_datasets(data_cfg, classifier_spec(cfg), **guidance_stages(cfg, data_cfg), task=cfg.task)
     if needs_class_counts(cfg):
         counts = _class_counts(data_cfg, cfg.task)
+        absent = [name for name, n in zip(task_classes(cfg.task), counts) if n == 0]
+        if absent:  # e.g. a fold whose few lobular carcinoma patients all sit in val/test
+            log.warning("[%s] no training image of %s: the class-balanced loss gives them weight 0 (the model "
+                        "still has their outputs, never trained towards)", TAG, ", ".join(absent))
         cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"class_counts": counts})})
     write_provenance(run_dir, cfg)
     log.info("[%s] %s task=%s strategy=%s loss=%s workers=%d gpu=%s -> %s", TAG, cfg.model.name, cfg.task,
