@@ -71,6 +71,12 @@ def _test_manifest(manifest_uri: str, splits_uri: str, out_uri: str, fold: int =
     return len(rows)
 
 
+def _seeded(seed: int) -> list[str]:
+    """The demo's one ``seed`` as a trainer's weight-init (``train.seed``) and data-order/augmentation
+    (``data.seed``) seeds, placed before the user's overrides so that those still win."""
+    return [f"train.seed={seed}", f"data.seed={seed}"]
+
+
 def headline(metrics: dict) -> dict:
     """Balanced accuracy and ROC AUC (images, overall) of an ``evaluate`` result, plus its size."""
     overall = metrics.get("overall") or {}
@@ -145,7 +151,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             "root": str(manifest), "out": str(prepared), "splits": str(splits), "enhance.enabled": True}))
     with stages.stage("train"):
         train_cfg = load_config(TrainConfig, cfg.train_config, [
-            f"data.shards={prepared}", f"run.storage_path={out / 'train'}", *cfg.train_overrides])
+            f"data.shards={prepared}", f"run.storage_path={out / 'train'}", *_seeded(cfg.seed),
+            *cfg.train_overrides])
         summary = run_train(train_cfg)
         stages.output("train", summary)
         best = summary["best_metrics"] or {}
@@ -153,7 +160,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                  best.get("val_accuracy"), best.get("val_balanced_accuracy"), best.get("epoch"))
     with stages.stage("train-segmenter"):
         seg_cfg = load_config(SegTrainConfig, cfg.segmenter_config, [
-            f"data.root={synth_dir}", f"run.storage_path={out / 'segmenter'}", *cfg.segmenter_overrides])
+            f"data.root={synth_dir}", f"run.storage_path={out / 'segmenter'}", *_seeded(cfg.seed),
+            *cfg.segmenter_overrides])
         seg_summary = run_train_segmenter(seg_cfg)
         stages.output("train_segmenter", seg_summary)
     segment_eval = out / "segment_eval"

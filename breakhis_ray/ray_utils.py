@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from breakhis_ray.config import RayConfig
+
+log = logging.getLogger(__name__)
 
 
 def ensure_ray(cfg: RayConfig | None = None) -> None:
@@ -26,8 +29,29 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
-                 **kwargs)
+        start_local_ray(num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1", **kwargs)
+
+
+#: Ray's message when its raylet did not register with the GCS within a fixed 30 s (``ray._private.node``):
+#: on a machine saturated by other processes this happens without anything being wrong.
+_STARTUP_TIMEOUT = "timed out during startup"
+
+
+def start_local_ray(attempts: int = 3, **init_kwargs) -> None:
+    """``ray.init(address="local", **init_kwargs)``, retried (up to ``attempts`` starts in all) when Ray's fixed
+    30 s node start-up wait runs out, which a busy machine can cause; any other error is raised at once."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", **init_kwargs)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for this one
+            if _STARTUP_TIMEOUT not in str(exc) or attempt == attempts:
+                raise
+            log.warning("local Ray node start timed out (attempt %d of %d, machine busy?); starting again",
+                        attempt, attempts)
+            ray.shutdown()
 
 
 def cpu_count() -> int:

@@ -65,8 +65,9 @@ def ray_session(s3_server):
         return
     temp_dir = tempfile.mkdtemp(prefix="brtest-ray-")
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(
-        address="local",
+    from breakhis_ray.ray_utils import start_local_ray
+
+    start_local_ray(
         num_cpus=int(os.environ.get("BREAKHIS_TEST_CPUS", "2")),
         include_dashboard=False,
         _temp_dir=temp_dir,

@@ -195,7 +195,8 @@ class DemoConfig(StrictModel):
     """
 
     out: str = Field(default="runs/demo", description="output directory (relative: to the working directory)")
-    seed: int = 0
+    seed: int = Field(default=0, description="one seed for the whole run: the synthetic cohort, the patient split, "
+                      "and both trainers' weight init (train.seed), data order and augmentation (data.seed)")
     fraction: float = Field(default=0.05, gt=0.0, le=1.0, description="share of BreakHis' 7,909 images")
     size: tuple[int, int] = (350, 230)
     difficulty: float = Field(default=0.5, ge=0.0, le=1.0)
