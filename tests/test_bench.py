@@ -20,7 +20,7 @@ TINY = [
     "ingest.n_images=16", "ingest.batch_size=8", "ingest.source=random", "ingest.repeats=1",
     "train.models=[tiny_cnn]", "train.image_size=32", "train.batch_size=8", "train.steps=3", "train.warmup_steps=1",
     "train.warmup_s=0", "train.scale_workers=0",  # the 2-worker TorchTrainer start-up alone is ~20 s
-    "inference.n_images=4", "inference.scale=2", "inference.input_size=32", "inference.segment_size=64",
+    "inference.n_images=4", "inference.unet_n_images=4", "inference.scale=2", "inference.input_size=32", "inference.segment_size=64",
     "inference.image_size=[92,140]", "inference.batch_size=4", "inference.forward_sweep=[2,4]",
     "synth.patients=2", "synth.fraction=0.0001", "synth.size=140x92",
 ]
@@ -35,6 +35,8 @@ def test_quick_presets_fill_sizes_but_explicit_values_win():
     cfg = load_config(BenchConfig, None, ["ingest.n_images=50"], {"quick": True})
     assert cfg.ingest.n_images == 50
     assert cfg.train.models == ["tiny_cnn"] and cfg.synth.patients == 8
+    # inference: N spans several decode batches (the marginal N -> 10N rate is the steady one); U-Net N apart
+    assert cfg.inference.n_images >= 4 * cfg.inference.decode_batch_size and cfg.inference.unet_n_images == 16
     assert validate_config(BenchConfig, dump_config(cfg)) == cfg  # workers' round trip is lossless
     assert BenchConfig().train.models == ["tiny_cnn", "resnet18"]
 

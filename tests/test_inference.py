@@ -234,6 +234,29 @@ def test_config_rejects_typos():
         load_config(InferConfig, None, ["batchsize=4"], {"input": "a", "out": "b", "classifier": "c"})
 
 
+def test_decode_tasks_are_sized_from_the_cores():
+    """decode_num_cpus null: the CPUs the model actors leave are split into decode tasks of at most one core that
+    fill them (2 cores beside one 0.5-CPU actor: 2 tasks of 0.75); a given value wins; no count: the fallback."""
+    from breakhis_ray.inference.plan import FALLBACK_DECODE_CPUS, plan_stages
+
+    cfg = load_config(InferConfig, None, [], {"input": "a", "out": "b", "classifier": "c"})
+    assert cfg.decode_num_cpus is None and cfg.num_cpus == 0.5 and cfg.concurrency == 1
+    two = plan_stages(cfg, 2.0)
+    assert (two.decode_num_cpus, two.decode_tasks, two.sized_from) == (0.75, 2, "cores")
+    for cpus in (1, 2, 3, 4, 7, 16, 96):
+        for over in ({}, {"num_cpus": 1.0}, {"concurrency": 2, "num_cpus": 2.0}):
+            stages = plan_stages(cfg.model_copy(update=over), float(cpus))
+            if stages.sized_from == "cores":
+                assert 0 < stages.decode_num_cpus <= 1.0
+                used = stages.decode_tasks * stages.decode_num_cpus + stages.model_cpus
+                assert used <= cpus + 1e-9 and used + stages.decode_num_cpus > cpus, (cpus, over, stages)
+            else:  # the actors leave nothing: one decode task at a time, as before
+                assert stages.model_cpus >= cpus and stages.decode_num_cpus == FALLBACK_DECODE_CPUS
+    assert plan_stages(cfg, None).decode_num_cpus == FALLBACK_DECODE_CPUS
+    given = plan_stages(cfg.model_copy(update={"decode_num_cpus": 0.5}), 2.0)
+    assert (given.decode_num_cpus, given.decode_tasks, given.sized_from) == (0.5, 3, "config")
+
+
 # ------------------------------------------------------------------------------------------ ray tier
 @pytest.mark.ray
 def test_decode_is_its_own_stage(ray_session, checkpoints, tree, tmp_path, capsys):
@@ -478,7 +501,8 @@ def test_manifest_input_with_threshold_segmenter(ray_session, checkpoints, tree,
     paths = [str(tree / rel) for rel in EXPECTED]
     pq.write_table(pa.table({"path": paths + paths[:2]}), manifest)
     out = str(tmp_path / "out")
-    summary = run_infer(_cfg(str(manifest), out, checkpoints["classifier"], "threshold", chunk_size=100))
+    summary = run_infer(_cfg(str(manifest), out, checkpoints["classifier"], "threshold", chunk_size=100,
+                             decode_num_cpus=None))  # decode tasks sized from the session's cores
     table = read_predictions(out)
     assert summary["mode"] == "manifest" and summary["ok"] == len(GOOD) and table.num_rows == len(EXPECTED)
     assert {k: v["status"] for k, v in _rel(table, str(tree)).items()} == EXPECTED

@@ -209,7 +209,8 @@ def test_missing_shards_or_columns_fail_clearly(ray_session, tmp_path: Path, pre
 def test_one_shard_file_is_read_as_blocks_of_about_decode_batch_size_without_repartition(ray_session, tmp_path):
     """A shard file streams out of its read task in blocks of ~``decode_batch_size`` rows (so several decode
     tasks work on one file at once, with no repartition of the file's rows), every row arrives decoded once,
-    and the Ray Data settings changed while the read was planned are restored."""
+    the read starts no listing task or footer actors (Ray Data's V1 Parquet reader: no new worker processes on
+    every execution), and the Ray Data settings changed while the read was planned are restored."""
     import os
 
     from ray.data import DataContext
@@ -226,11 +227,15 @@ def test_one_shard_file_is_read_as_blocks_of_about_decode_batch_size_without_rep
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp_path / "shards" / "part-00000.parquet")
     before = DataContext.get_current().target_max_block_size
     env_before = os.environ.get(pipeline._FOOTER_READERS_ENV)
+    v2_before = getattr(DataContext.get_current(), pipeline._PARQUET_V2_FLAG, None)
     cfg = _cfg(str(tmp_path), decode_batch_size=2)
     ds = pipeline.decode_stage(cfg, pipeline.read_split(cfg, None), PreprocessSpec(size=(SIZE, SIZE)), keep=["path"])
     assert DataContext.get_current().target_max_block_size == before
     assert os.environ.get(pipeline._FOOTER_READERS_ENV) == env_before
+    assert getattr(DataContext.get_current(), pipeline._PARQUET_V2_FLAG, None) == v2_before
     done = ds.materialize()
+    if v2_before is not None:  # this Ray has both readers: the V1 one was planned
+        assert "ListFiles" not in done.stats() and "ReadParquet" in done.stats(), done.stats()
     assert sorted(r["path"] for r in done.take_all()) == sorted(r["path"] for r in rows)
     assert done.num_blocks() >= 4, done.num_blocks()  # not one block per file
     assert "Repartition" not in done.stats()

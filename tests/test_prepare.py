@@ -201,6 +201,35 @@ def test_process_chunk_reasons_stages_and_stored_bytes(tmp_path):
     assert np.array_equal(decode_rgb(stored["grey.png"]["image"]), decode_rgb(grey))
 
 
+def test_shard_image_column_is_stored_uncompressed_other_columns_snappy(tmp_path):
+    """The encoded image bytes are written as they are (no snappy, no dictionary, no statistics: nothing to gain
+    on PNG bytes, a pass over every byte on each read); the small columns stay snappy with dictionaries."""
+    rgb = np.random.default_rng(1).integers(0, 255, (16, 24, 3), dtype=np.uint8)
+    rows = []
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(_png(np.roll(rgb, i, axis=0)))
+        row = dict.fromkeys(SHARD_SCHEMA.names)
+        row.update(path=str(tmp_path / f"{i}.png"), source_path=str(tmp_path / f"{i}.png"), filename=f"{i}.png",
+                   split="train", label="benign")
+        rows.append(row)
+    (tmp_path / "out" / "shards").mkdir(parents=True)
+    ctx = {"out": str(tmp_path / "out"), "image_format": "png", "quality": 95, "resize": None,
+           "expected_size": (24, 16), "max_pixels": 10_000, "row_group_size": 2, "enhance_seed": 0}
+    result = process_chunk(0, rows, ctx)
+    meta = pq.read_metadata(tmp_path / "out" / "shards" / result["part"])
+    assert meta.num_row_groups == 2
+    for g in range(meta.num_row_groups):
+        chunks = {meta.row_group(g).column(i).path_in_schema: meta.row_group(g).column(i)
+                  for i in range(meta.num_columns)}
+        image = chunks["image"]
+        assert image.compression == "UNCOMPRESSED" and not image.has_dictionary_page
+        assert image.statistics is None or not image.statistics.has_min_max
+        assert chunks["split"].compression == "SNAPPY" and chunks["split"].has_dictionary_page
+        assert chunks["split"].statistics.has_min_max
+    stored = pq.read_table(tmp_path / "out" / "shards" / result["part"]).to_pylist()
+    assert [r["image"] for r in stored] == [(tmp_path / f"{i}.png").read_bytes() for i in range(3)]
+
+
 def test_plan_chunks():
     assert plan_chunks([1] * 5, 2) == [(0, 2), (2, 4), (4, 5)]
     assert plan_chunks([5, 5, 5, 20, 1], 10, shard_bytes=10) == [(0, 2), (2, 3), (3, 4), (4, 5)]

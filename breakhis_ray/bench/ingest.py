@@ -88,13 +88,18 @@ def _write_shards(out: Path, rows: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from breakhis_ray.data.shards import SHARD_WRITE_OPTIONS
+
     (out / "shards").mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows, schema=pa.schema([
         ("path", pa.string()), ("label_id", pa.int8()), ("patient_id", pa.string()), ("magnification", pa.int16()),
         ("image", pa.binary()), ("split", pa.string()), ("augmentation", pa.string()),
     ]))
+    options = {key: ({c: v for c, v in value.items() if c in table.column_names} if isinstance(value, dict)
+                     else [c for c in value if c in table.column_names]) for key, value in SHARD_WRITE_OPTIONS.items()}
     for part, start in enumerate(range(0, len(rows), 1000)):
-        pq.write_table(table.slice(start, 1000), out / "shards" / f"part-{part:05d}.parquet", row_group_size=64)
+        pq.write_table(table.slice(start, 1000), out / "shards" / f"part-{part:05d}.parquet", row_group_size=64,
+                       **options)
 
 
 def _make_random(work: Path, n_images: int, size: int, seed: int) -> tuple[list[str], str, str]:

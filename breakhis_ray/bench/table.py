@@ -119,7 +119,9 @@ def _inference_rows(r: dict, targets: dict) -> list[str]:
     lines = [f"inference: {r['classifier_model']} at {r['input_size']}, U-Net resnet18 at {r['segment_size']}, "
              f"{r['image_size_hw'][1]}x{r['image_size_hw'][0]} PNGs, batch {r['batch_size']}; {actor['concurrency']} "
              f"actor(s) x {actor['num_cpus']} CPU, {actor['num_gpus']} GPU, {actor['torch_threads']} torch thread(s); "
-             f"N={r['n_images']}, {r['scale']}N={r['n_images'] * r['scale']}"]
+             f"decode tasks {r['decode_num_cpus']} CPU x {r.get('stages', {}).get('decode_tasks', '?')}; "
+             f"classifier N={r['n_images']}, {r['scale']}N={r['n_images'] * r['scale']}; U-Net + classifier "
+             f"N={r.get('unet_n_images', r['n_images'])}"]
     for mode, label in (("classifier", "classifier"), ("unet_classifier", "U-Net + classifier")):
         e = r[mode]
         lines.append(_row(targets, f"{label}: pipeline vs {e['raw_kind'].replace('_', ' ')}",
@@ -136,7 +138,7 @@ def _inference_rows(r: dict, targets: dict) -> list[str]:
         lines.append(_row(targets, f"classifier+{x['method']} vs plain: raw Predictor",
                           _rate(x["raw_predictor_explain_images_per_s"]), _rate(x["raw_predictor_images_per_s"]),
                           x["raw_ratio"]))
-        lines.append(_row(targets, f"classifier+{x['method']} vs plain: pipeline {r['scale']}N",
+        lines.append(_row(targets, f"classifier+{x['method']} vs plain: pipeline {x.get('images', '')}",
                           _rate(x["pipeline_explain_images_per_s"]), _rate(x["pipeline_images_per_s"]),
                           x["pipeline_ratio"]))
     return lines

@@ -21,7 +21,9 @@ class BenchIngestSection(StrictModel):
     size: int = Field(default=224, ge=8, description="square side every image is resized to")
     batch_size: int = Field(default=32, ge=1)
     workers: int | None = Field(default=None, ge=0, description="DataLoader workers; null: the cores")
-    decode_num_cpus: float = Field(default=0.5, gt=0.0, description="as DataConfig (what training uses)")
+    decode_num_cpus: float = Field(default=1.0, gt=0.0, description="as DataConfig.decode_num_cpus: one CPU per "
+                                   "decode task, as many tasks as cores (0.5 runs twice as many worker processes "
+                                   "as Ray keeps alive, so every pass starts, and pays for, new ones)")
     decode_batch_size: int = Field(default=32, ge=1, description="as DataConfig (what training uses)")
     backend: Literal["auto", "pil", "imagecodecs", "opencv"] = Field(
         default="auto", description="decoder of the Ray Data side and of dataloader_fast (as decode.backend)")
@@ -50,7 +52,11 @@ class BenchInferenceSection(StrictModel):
     """Batch inference: pipeline vs the raw model on pre-decoded tensors; peak memory at N vs ``scale`` x N."""
 
     enabled: bool = True
-    n_images: int = Field(default=40, ge=2)
+    n_images: int = Field(default=100, ge=2, description="N of the classifier mode: runs of N and scale x N "
+                          "images; the marginal rate between them is the steady rate, so N must span several "
+                          "batches per decode task (64 on 2 cores: 4 batches of 16)")
+    unet_n_images: int | None = Field(default=40, ge=2, description="N of the U-Net + classifier mode and of the "
+                                      "explain pass (a batch takes seconds there); null: n_images")
     scale: int = Field(default=10, ge=2)
     image_size: tuple[int, int] = Field(default=(460, 700), description="(H, W) of the synthetic PNG tiles")
     classifier: str = "tiny_cnn"
@@ -60,7 +66,8 @@ class BenchInferenceSection(StrictModel):
     num_cpus: float = Field(default=0.5, gt=0.0, description="CPUs per Predictor actor")
     num_gpus: float | None = Field(default=None, ge=0.0, description="GPUs per actor; null: 1 with CUDA, else 0")
     concurrency: int = Field(default=1, ge=1)
-    decode_num_cpus: float = Field(default=1.0, gt=0.0, description="as InferConfig")
+    decode_num_cpus: float | None = Field(default=None, gt=0.0, description="as InferConfig (null: sized from "
+                                          "the cores by plan_stages)")
     decode_batch_size: int = Field(default=16, ge=1, description="as InferConfig")
     forward_sweep: list[int] = Field(default=[1, 2, 4, 8, 16, 32], description="forward batch sizes of the "
                                      "classifier sweep ([]: none)")
@@ -130,7 +137,7 @@ GPU_SMOKE: dict[str, Any] = {
 BENCH_QUICK: dict[str, dict[str, Any]] = {
     "ingest": {"n_images": 240},
     "train": {"models": ["tiny_cnn"], "steps": 25},
-    "inference": {"n_images": 16},
+    "inference": {"n_images": 64, "unet_n_images": 16},
     "synth": {"fraction": 0.15, "patients": 8},
 }
 

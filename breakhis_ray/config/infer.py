@@ -61,9 +61,10 @@ class InferConfig(StrictModel):
                               "<out>/masks/ and fill mask_uri")
     # CPU decode stage (Ray tasks)
     decode_batch_size: int = Field(default=16, ge=1)
-    decode_num_cpus: float = Field(default=1.0, gt=0.0, description="CPUs per decode task: image decode is one "
-                                   "core of work, so fractions oversubscribe the cores and starve the model "
-                                   "actors (measured on 2 cores: 0.5 -> 57 img/s, 1.0 -> 76 img/s, tiny_cnn)")
+    decode_num_cpus: float | None = Field(default=None, gt=0.0, description="CPUs per decode task; null: sized "
+                                          "from the cluster's cores, the CPUs the model actors leave split into "
+                                          "ceil(free) tasks (2 cores, one 0.5-CPU actor: 2 tasks of 0.75; "
+                                          "breakhis_ray.inference.plan.plan_stages)")
     decode_concurrency: int | None = Field(default=None, ge=1, description="max concurrent decode tasks")
     decode_max_calls: int = Field(default=1000, ge=0, description="decode tasks per worker process before it "
                                   "is recycled; 0 = never (Ray may then fuse decoding into the model actors "

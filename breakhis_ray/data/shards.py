@@ -98,6 +98,16 @@ SHARD_SCHEMA = pa.schema([
     ("augmentation", pa.string()),
     ("converted_from", pa.string()),
 ])
+#: Parquet options of the shard writer. The ``image`` column holds already-compressed PNG/JPEG/WebP bytes:
+#: snappy and a dictionary find nothing to remove there (synthetic BreakHis PNGs: snappy output 0.005%
+#: larger) yet cost a pass over every byte when reading (``pq.read_table`` of a 237-image shard, CPU:
+#: 0.61 ms/image with snappy, 0.21 without), and min/max statistics of whole images are never kept.
+#: Every other column stays snappy with dictionaries and statistics.
+SHARD_WRITE_OPTIONS = {
+    "compression": {name: ("none" if name == "image" else "snappy") for name in SHARD_SCHEMA.names},
+    "use_dictionary": [name for name in SHARD_SCHEMA.names if name != "image"],
+    "write_statistics": [name for name in SHARD_SCHEMA.names if name != "image"],
+}
 REJECT_SCHEMA = pa.schema([("path", pa.string()), ("reason", pa.string()), ("stage", pa.string()),
                            ("detail", pa.string())])
 
@@ -201,7 +211,7 @@ def process_chunk(index: int, rows: list[dict], ctx: dict) -> dict:
                 stream = out_fs.open_output_stream(out_path)
             except OSError as exc:
                 raise StorageError(f"cannot write {part_uri}: {_one_line(exc)}") from None
-            writer = pq.ParquetWriter(stream, SHARD_SCHEMA)
+            writer = pq.ParquetWriter(stream, SHARD_SCHEMA, **SHARD_WRITE_OPTIONS)
         writer.write_table(pa.Table.from_pylist(pending, schema=SHARD_SCHEMA), row_group_size=len(pending))
         pending.clear()
 

@@ -4,7 +4,8 @@
 
 1. **Listing** (driver, :mod:`~breakhis_ray.inference.plan`): one recursive listing of ``--input``, a
    deterministic order, chunks of ``chunk_size``.
-2. **CPU stage** (Ray tasks, ``decode_num_cpus`` each; :mod:`~breakhis_ray.inference.decode_stage`): read
+2. **CPU stage** (Ray tasks, ``decode_num_cpus`` each, by default sized from the cluster's cores by
+   :func:`~breakhis_ray.inference.plan.plan_stages`; :mod:`~breakhis_ray.inference.decode_stage`): read
    bytes through :mod:`breakhis_ray.storage`, decode with :mod:`breakhis_ray.data.decode` (the decoder
    ``prepare`` and training use, with its ``max_pixels`` guard) and prepare the model inputs. A bad input
    becomes an error row; nothing raises.
@@ -26,7 +27,7 @@ from breakhis_ray.allocator import MODEL_PROCESS_ENV
 from breakhis_ray.artifacts import write_json, write_provenance
 from breakhis_ray.config import InferConfig
 from breakhis_ray.inference.decode_stage import read_and_decode, read_and_decode_shards
-from breakhis_ray.inference.plan import InputPlan, plan_inputs
+from breakhis_ray.inference.plan import InputPlan, StagePlan, plan_inputs, plan_stages
 from breakhis_ray.inference.predictor import Predictor, new_run_id, resolve_sizes
 from breakhis_ray.inference.schema import HEATMAPS_DIR, MASKS_DIR, PREDICTIONS_DIR
 from breakhis_ray.inference.writer import ChunkWriter, check_or_write_plan, done_chunks, plan_record
@@ -34,7 +35,14 @@ from breakhis_ray.inference.writer import ChunkWriter, check_or_write_plan, done
 log = logging.getLogger(__name__)
 
 
-def _predictor_kwargs(cfg: InferConfig, segment_size, run_id: str) -> dict:
+def cluster_stage_plan(cfg: InferConfig) -> StagePlan:
+    """:func:`~breakhis_ray.inference.plan.plan_stages` with the CPUs of the connected Ray cluster."""
+    import ray
+
+    return plan_stages(cfg, ray.cluster_resources().get("CPU"))
+
+
+def _predictor_kwargs(cfg: InferConfig, segment_size, run_id: str, torch_threads: int) -> dict:
     return {
         "classifier": cfg.classifier,
         "segmenter": cfg.segmenter,
@@ -46,7 +54,7 @@ def _predictor_kwargs(cfg: InferConfig, segment_size, run_id: str) -> dict:
         "explain": cfg.explain.method,
         "explain_target_layer": cfg.explain.target_layer,
         "heatmap_dir": storage.join(cfg.out, HEATMAPS_DIR) if cfg.explain.method else None,
-        "torch_threads": cfg.torch_threads or max(1, round(cfg.num_cpus)),
+        "torch_threads": torch_threads,
         "forward_batch_size": cfg.forward_batch_size,
         "mask_dir": storage.join(cfg.out, MASKS_DIR) if cfg.write_masks and cfg.segmenter else None,
         "run_id": run_id,
@@ -54,17 +62,19 @@ def _predictor_kwargs(cfg: InferConfig, segment_size, run_id: str) -> dict:
 
 
 def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], preprocessing: dict,
-                  segment_size, run_id: str):
-    """The Ray Data pipeline for ``chunks``: work units -> CPU decode tasks -> Predictor actors."""
+                  segment_size, run_id: str, stages: StagePlan | None = None):
+    """The Ray Data pipeline for ``chunks``: work units -> CPU decode tasks -> Predictor actors
+    (``stages``: decode-task CPUs; default :func:`cluster_stage_plan`)."""
     import ray.data
 
+    stages = stages or cluster_stage_plan(cfg)
     units = plan.units(chunks)
     decode_kwargs = {"preprocessing": preprocessing, "segment_size": segment_size, "max_pixels": cfg.max_pixels,
                      "backend": cfg.decode.backend}
     # Decode workers are recycled after decode_max_calls tasks (bounds allocator growth from images of
     # many sizes). Their remote args then differ from the actors', so Ray Data keeps decoding a separate
     # operator instead of fusing it into the model actors (it fuses only identical remote args).
-    decode_remote: dict[str, Any] = {"num_cpus": cfg.decode_num_cpus}
+    decode_remote: dict[str, Any] = {"num_cpus": stages.decode_num_cpus}
     if cfg.decode_max_calls:
         decode_remote["max_calls"] = cfg.decode_max_calls
     if cfg.decode_concurrency:
@@ -82,7 +92,7 @@ def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], prep
         Predictor,
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        fn_constructor_kwargs=_predictor_kwargs(cfg, segment_size, run_id),
+        fn_constructor_kwargs=_predictor_kwargs(cfg, segment_size, run_id, stages.torch_threads),
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus or None,
@@ -111,7 +121,10 @@ def run_infer(cfg: InferConfig) -> dict:
         from breakhis_ray.ray_utils import ensure_ray
 
         ensure_ray(cfg.ray)
-        ds = build_dataset(cfg, plan, pending, preprocessing, segment_size, run_id)
+        stages = cluster_stage_plan(cfg)
+        log.info("infer: decode tasks at %s CPU (%d beside the model actors' %s CPU, sized from %s)",
+                 stages.decode_num_cpus, stages.decode_tasks, stages.model_cpus, stages.sized_from)
+        ds = build_dataset(cfg, plan, pending, preprocessing, segment_size, run_id, stages)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.add(batch)
         missing = {c: m for c, m in writer.missing().items() if m}

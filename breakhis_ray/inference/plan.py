@@ -183,3 +183,57 @@ def plan_inputs(cfg: InferConfig) -> InputPlan:
     if fmt == "shards":
         return _plan_shards(prep_shards or parquets, cfg.chunk_size, cfg.include_augmented)
     return _plan_manifest(parquets, cfg.chunk_size)
+
+
+# ------------------------------------------------------------------------------------------ stage sizes
+#: CPUs per decode task when the cluster's CPU count is unknown, or when the model actors leave less than
+#: :data:`MIN_DECODE_CPUS` of it (decoding one image is one core of work).
+FALLBACK_DECODE_CPUS = 1.0
+#: The smallest reservation :func:`plan_stages` gives a decode task.
+MIN_DECODE_CPUS = 0.25
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """How the CPU decode tasks and the model actors share the cluster (:func:`plan_stages`).
+
+    ``decode_num_cpus``: the reservation of one decode task; ``decode_tasks``: how many run at once beside the
+    actors; ``model_cpus``: what the actors reserve; ``torch_threads``: per actor; ``sized_from``: ``config``
+    (``decode_num_cpus`` given) or ``cores`` (derived from ``cluster_cpus``) or ``fallback``.
+    """
+
+    decode_num_cpus: float
+    decode_tasks: int
+    model_cpus: float
+    torch_threads: int
+    cluster_cpus: float | None
+    sized_from: str
+
+    def as_dict(self) -> dict:
+        return {"decode_num_cpus": self.decode_num_cpus, "decode_tasks": self.decode_tasks,
+                "model_cpus": self.model_cpus, "torch_threads": self.torch_threads,
+                "cluster_cpus": self.cluster_cpus, "sized_from": self.sized_from}
+
+
+def plan_stages(cfg: InferConfig, cluster_cpus: float | None) -> StagePlan:
+    """Decode-task CPUs from the cluster's CPUs and what the model actors reserve.
+
+    With ``cfg.decode_num_cpus`` null, the CPUs the actors leave (``cluster_cpus - concurrency x num_cpus``)
+    are split into ``ceil(free)`` decode tasks of ``free / ceil(free)`` CPUs each: every core runs a decoder
+    or a model thread, and the decoders together reserve exactly what is left (on 2 cores beside one actor
+    at 0.5 CPU: 2 tasks of 0.75). A whole core per task (the former default) lets only one decoder run there
+    and leaves decode, the slower stage, on one core; 0.5 per task runs three decoders beside the
+    actor's thread, which then gets half a core (docs/BENCHMARKS.md). With less than
+    :data:`MIN_DECODE_CPUS` left, or the CPU count unknown, tasks take :data:`FALLBACK_DECODE_CPUS`.
+    """
+    model_cpus = cfg.concurrency * cfg.num_cpus
+    threads = cfg.torch_threads or max(1, round(cfg.num_cpus))
+    if cfg.decode_num_cpus is not None:
+        tasks = int((cluster_cpus - model_cpus) // cfg.decode_num_cpus) if cluster_cpus else 1
+        return StagePlan(cfg.decode_num_cpus, max(1, tasks), model_cpus, threads, cluster_cpus, "config")
+    free = (cluster_cpus or 0.0) - model_cpus
+    if not cluster_cpus or free < MIN_DECODE_CPUS:
+        return StagePlan(FALLBACK_DECODE_CPUS, 1, model_cpus, threads, cluster_cpus, "fallback")
+    tasks = max(1, math.ceil(free - 1e-9))
+    per_task = max(MIN_DECODE_CPUS, math.floor(free / tasks * 1000) / 1000)
+    return StagePlan(per_task, tasks, model_cpus, threads, cluster_cpus, "cores")
