@@ -33,7 +33,9 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
 
 
 #: Ray's message when its raylet did not register with the GCS within a fixed 30 s (``ray._private.node``):
-#: on a machine saturated by other processes this happens without anything being wrong.
+#: on a machine saturated by other processes this happens without anything being wrong. Ray raises it as a bare
+#: ``Exception``, so its text is the only way to tell it apart; should a Ray release reword it, the start is
+#: simply not retried (the error is raised as before).
 _STARTUP_TIMEOUT = "timed out during startup"
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from breakhis_ray import storage
 from breakhis_ray.config import InferConfig, load_config
-from breakhis_ray.errors import ConfigError, DataError
+from breakhis_ray.errors import ConfigError
 
 torch = pytest.importorskip("torch")
 Image = pytest.importorskip("PIL.Image")
@@ -237,7 +237,8 @@ def test_config_rejects_typos():
 def test_decode_tasks_are_sized_from_the_cores():
     """decode_num_cpus null: the CPUs the model actors leave are split into decode tasks of at most one core that
     fill them (2 cores beside one 0.5-CPU actor: 2 tasks of 0.75); a given value wins; no count: the fallback."""
-    from breakhis_ray.inference.plan import FALLBACK_DECODE_CPUS, plan_stages
+    from breakhis_ray.data.cpu_share import FALLBACK_DECODE_CPUS
+    from breakhis_ray.inference.plan import plan_stages
 
     cfg = load_config(InferConfig, None, [], {"input": "a", "out": "b", "classifier": "c"})
     assert cfg.decode_num_cpus is None and cfg.num_cpus == 0.5 and cfg.concurrency == 1

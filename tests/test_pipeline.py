@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -210,7 +211,8 @@ def test_one_shard_file_is_read_as_blocks_of_about_decode_batch_size_without_rep
     """A shard file streams out of its read task in blocks of ~``decode_batch_size`` rows (so several decode
     tasks work on one file at once, with no repartition of the file's rows), every row arrives decoded once,
     the read starts no listing task or footer actors (Ray Data's V1 Parquet reader: no new worker processes on
-    every execution), and the Ray Data settings changed while the read was planned are restored."""
+    every execution), and the Ray Data settings changed while the read was planned are restored (the progress
+    bar setting, off while the footers are sampled, on the dataset as well)."""
     import os
 
     from ray.data import DataContext
@@ -226,6 +228,7 @@ def test_one_shard_file_is_read_as_blocks_of_about_decode_batch_size_without_rep
     (tmp_path / "shards").mkdir()
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp_path / "shards" / "part-00000.parquet")
     before = DataContext.get_current().target_max_block_size
+    bars_before = DataContext.get_current().enable_progress_bars
     env_before = os.environ.get(pipeline._FOOTER_READERS_ENV)
     v2_before = getattr(DataContext.get_current(), pipeline._PARQUET_V2_FLAG, None)
     cfg = _cfg(str(tmp_path), decode_batch_size=2)
@@ -233,9 +236,29 @@ def test_one_shard_file_is_read_as_blocks_of_about_decode_batch_size_without_rep
     assert DataContext.get_current().target_max_block_size == before
     assert os.environ.get(pipeline._FOOTER_READERS_ENV) == env_before
     assert getattr(DataContext.get_current(), pipeline._PARQUET_V2_FLAG, None) == v2_before
+    assert DataContext.get_current().enable_progress_bars == bars_before
+    assert ds.context.enable_progress_bars == bars_before
     done = ds.materialize()
     if v2_before is not None:  # this Ray has both readers: the V1 one was planned
         assert "ListFiles" not in done.stats() and "ReadParquet" in done.stats(), done.stats()
     assert sorted(r["path"] for r in done.take_all()) == sorted(r["path"] for r in rows)
     assert done.num_blocks() >= 4, done.num_blocks()  # not one block per file
     assert "Repartition" not in done.stats()
+
+
+def test_training_decode_tasks_use_the_same_rule_as_infer(ray_session):
+    """``data.decode_num_cpus`` null (the default of training, the U-Net's data and the ingest bench): the running
+    cluster's CPUs shared by the rule ``infer`` uses beside its actors (no actors here: a core per task on a
+    whole-core cluster, and never more tasks than cores); a given value wins."""
+    import ray
+
+    from breakhis_ray.config import DataConfig, SegDataConfig
+    from breakhis_ray.data.cpu_share import share_cpus
+
+    assert DataConfig(shards="x").decode_num_cpus is None and SegDataConfig(root="x").decode_num_cpus is None
+    cpus = ray.cluster_resources()["CPU"]
+    per_task, tasks = share_cpus(cpus)
+    assert pipeline.decode_cpus(None) == per_task
+    assert tasks * per_task <= cpus + 1e-9 and tasks == math.ceil(cpus - 1e-9)
+    assert share_cpus(1.5) == (0.75, 2) and share_cpus(0.1) is None
+    assert pipeline.decode_cpus(0.3) == 0.3

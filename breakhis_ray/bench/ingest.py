@@ -270,6 +270,9 @@ def run_ingest_benchmark(section: "BenchIngestSection", *, seed: int = 0,
     work = Path(workdir)
     ensure_ray(RayConfig(num_cpus=cores))
     from breakhis_ray.bench.memory import OthersCpu
+    from breakhis_ray.data.pipeline import decode_cpus
+
+    decode_num_cpus = decode_cpus(decode_num_cpus)  # null: the one rule of every decode stage
 
     runs: dict[str, list[tuple[int, float]]] = {}
     cpu: dict[str, list[tuple[int, float]]] = {}

@@ -36,6 +36,7 @@ from breakhis_ray.config.base import (
     parse_bytes,
     parse_hw,
     parse_hw_or_none,
+    magnification_list,
     parse_magnifications,
     parse_override,
     read_yaml,
@@ -93,6 +94,7 @@ from breakhis_ray.config.experiments import (
     StrategyTableSection,
 )
 from breakhis_ray.config.export import ExportConfig
+from breakhis_ray.config.trials import TrialRunConfig
 from breakhis_ray.config.infer import ExplainSection, InferConfig
 from breakhis_ray.config.segment import (
     SegDataConfig,
@@ -127,9 +129,9 @@ __all__ = [
     "ModelConfig", "ModelT", "OptimConfig", "PrepareConfig", "RayConfig", "ReportConfig", "RunSection", "TrackingSection",
     "SHIPPED_CONFIGS", "ScalingSection", "SegDataConfig", "SegEvalConfig", "SegLossConfig", "SegModelConfig",
     "SegOptimConfig", "SegRunSection", "SegSourceSection", "SegSplitSection", "SegTrainConfig",
-    "SegmentationTableSection", "SplitConfig", "SplitOptions", "StrategyTableSection", "StrictModel",
+    "SegmentationTableSection", "SplitConfig", "SplitOptions", "StrategyTableSection", "StrictModel", "TrialRunConfig",
     "SynthConfig", "TrainConfig", "config_yaml", "dump_config", "format_validation_error", "load_config",
-    "one_or_many", "parse_bytes", "parse_hw", "parse_hw_or_none", "parse_magnifications", "parse_override",
+    "magnification_list", "one_or_many", "parse_bytes", "parse_hw", "parse_hw_or_none", "parse_magnifications", "parse_override",
     "read_yaml", "shipped_config", "size_string", "validate_config", "wh_size",
     "BootstrapSection", "CalibrationMetricsSection", "ThresholdSection",
 ]

@@ -127,6 +127,12 @@ def parse_magnifications(value: Any) -> Any:
     return sorted(out)
 
 
+def magnification_list(value: Any) -> list[int]:
+    """:func:`parse_magnifications` with ``"all"`` spelled out: a sorted list of ints."""
+    mags = parse_magnifications(value)
+    return list(MAGNIFICATIONS) if mags == "all" else mags
+
+
 def one_or_many(value: Any) -> Any:
     """A single value becomes a one-element list; ``None`` and lists pass through."""
     if value is None or isinstance(value, (list, tuple)):

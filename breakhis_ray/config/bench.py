@@ -21,9 +21,8 @@ class BenchIngestSection(StrictModel):
     size: int = Field(default=224, ge=8, description="square side every image is resized to")
     batch_size: int = Field(default=32, ge=1)
     workers: int | None = Field(default=None, ge=0, description="DataLoader workers; null: the cores")
-    decode_num_cpus: float = Field(default=1.0, gt=0.0, description="as DataConfig.decode_num_cpus: one CPU per "
-                                   "decode task, as many tasks as cores (0.5 runs twice as many worker processes "
-                                   "as Ray keeps alive, so every pass starts, and pays for, new ones)")
+    decode_num_cpus: float | None = Field(default=None, gt=0.0, description="as DataConfig.decode_num_cpus "
+                                          "(null: the one rule, a whole core per task here)")
     decode_batch_size: int = Field(default=32, ge=1, description="as DataConfig (what training uses)")
     backend: Literal["auto", "pil", "imagecodecs", "opencv"] = Field(
         default="auto", description="decoder of the Ray Data side and of dataloader_fast (as decode.backend)")

@@ -3,22 +3,18 @@ demo pipeline (``breakhis-ray demo``)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator
 
-from breakhis_ray.config.base import StrictModel, parse_magnifications, shipped_config, wh_size
-from breakhis_ray.config.common import RayConfig, ScalingSection, TrackingSection
-from breakhis_ray.config.data import SplitOptions, SynthConfig
+from breakhis_ray.config.base import StrictModel, magnification_list, shipped_config, wh_size
+from breakhis_ray.config.common import RayConfig
+from breakhis_ray.config.data import SplitOptions
+from breakhis_ray.config.trials import GridScoringSection, TrialRunConfig, distinct  # noqa: F401 (re-export)
 from breakhis_ray.domain import MAGNIFICATIONS
 
 
 GRID_TABLES = ("vgg_tab3", "vgg_fig4", "vgg_tab4", "cancernet_tab1")
-
-
-def _grid_magnifications(value: Any) -> list[int]:
-    mags = parse_magnifications(value)
-    return list(MAGNIFICATIONS) if mags == "all" else mags
 
 
 class LossTableSection(StrictModel):
@@ -44,7 +40,7 @@ class MagnificationTableSection(StrictModel):
     mode: Literal["per_magnification", "shared"] = "per_magnification"
     overrides: list[str] = Field(default_factory=list)
 
-    _magnifications = field_validator("magnifications", mode="before")(lambda cls, v: _grid_magnifications(v))
+    _magnifications = field_validator("magnifications", mode="before")(lambda cls, v: magnification_list(v))
 
 
 class SegmentationTableSection(StrictModel):
@@ -71,74 +67,26 @@ class GridSegmenterSection(StrictModel):
     overrides: list[str] = Field(default_factory=list, description="SegTrainConfig key=value overrides")
 
 
-class GridScoringSection(StrictModel):
-    """Scoring of each trial's checkpoint on the test split of its fold (one Ray task per trial)."""
-
-    checkpoint: Literal["best", "latest"] = "best"
-    batch_size: int = Field(default=32, ge=1)
-    num_cpus: float = Field(default=0.5, gt=0.0)
-    num_gpus: float = Field(default=0.0, ge=0.0)
-
-
-class ExperimentsConfig(StrictModel):
+class ExperimentsConfig(TrialRunConfig):
     """``breakhis-ray experiments``: the papers' tables as a Ray Tune grid over Ray Train runs.
 
     Every (table cell, protocol, fold) becomes a training config: ``base_train_config`` < ``base_overrides``
     < the table's ``overrides`` < the cell's setting; cells with the same resolved config share one trial.
     Each protocol gets its own splits and, per fold, its own prepared shards under ``<out>/data``. A re-run
-    with the same ``out`` skips finished stages and trials (``resume``).
+    with the same ``out`` skips finished stages and trials (``resume``). ``out`` holds grid.json and tables.md.
     """
 
-    out: str = Field(description="output directory (local or s3://): grid.json, tables.md, runs, trials, data")
-    root: str | None = Field(default=None, description="BreakHis tree URI or manifest Parquet; "
-                             "default: synthetic.out")
-    synthetic: SynthConfig | None = Field(default=None, validate_default=True,
-                                          description="generate this synthetic BreakHis first (kept when "
-                                          "already there) and use it as root")
-    base_train_config: str = Field(default_factory=lambda: shipped_config("train_tiny.yaml"),
-                                   description="TrainConfig YAML; default: the shipped jobs/configs/train_tiny.yaml")
-    base_overrides: list[str] = Field(default_factory=list, description="TrainConfig key=value for every run")
     tables: list[Literal["vgg_tab3", "vgg_fig4", "vgg_tab4", "cancernet_tab1"]] = Field(
         default_factory=lambda: list(GRID_TABLES))
-    split: SplitOptions = Field(default_factory=SplitOptions, description="how folds are made (mode: protocols)")
     protocols: list[Literal["patient", "official", "image"]] = Field(default_factory=lambda: ["patient", "image"])
     folds: list[int] = Field(default_factory=lambda: [1], description="folds to run; an int N means 1..N")
-    prepare_overrides: list[str] = Field(default_factory=lambda: ["enhance.enabled=true"],
-                                         description="PrepareConfig key=value for every protocol and fold")
     vgg_tab3: LossTableSection = Field(default_factory=LossTableSection)
     vgg_fig4: StrategyTableSection = Field(default_factory=StrategyTableSection)
     vgg_tab4: MagnificationTableSection = Field(default_factory=MagnificationTableSection)
     cancernet_tab1: SegmentationTableSection = Field(default_factory=SegmentationTableSection)
     segmenter: GridSegmenterSection = Field(default_factory=GridSegmenterSection)
-    scaling: ScalingSection | None = Field(default=None, description="Ray Train workers of every trial "
-                                           "(null: the base config's); num_workers >= 1")
-    trial_cpus: float = Field(default=0.1, gt=0.0, description="CPUs held by each trial's driver process "
-                              "(it launches Ray Train and waits; workers get scaling's resources)")
-    max_concurrent_trials: int = Field(default=1, ge=1)
-    trial_retries: int = Field(default=0, ge=0, description="Ray Tune retries of a failed trial")
-    scoring: GridScoringSection = Field(default_factory=GridScoringSection)
-    resume: bool = Field(default=True, description="skip finished stages and trials found in out; false: "
-                         "refuse an out that already holds finished trials")
-    tracking: TrackingSection = Field(default_factory=TrackingSection, description="MLflow: one parent run "
-                                      "for the grid, one child run per trial ('local': a store under out)")
-    ray: RayConfig = RayConfig()
 
-    @field_validator("synthetic")
-    @classmethod
-    def _one_root(cls, value: SynthConfig | None, info) -> SynthConfig | None:
-        root = info.data.get("root")
-        if root is None and value is None:
-            raise ValueError("set root (a BreakHis tree or manifest Parquet) or synthetic (to generate one)")
-        if root is not None and value is not None and root.rstrip("/") != value.out.rstrip("/"):
-            raise ValueError(f"synthetic.out {value.out!r} differs from root {root!r}: give one of them")
-        return value
-
-    @field_validator("tables", "protocols")
-    @classmethod
-    def _distinct(cls, value: list) -> list:
-        if not value or len(set(value)) != len(value):
-            raise ValueError(f"must be a non-empty list without repeats, got {value}")
-        return value
+    _distinct = field_validator("tables", "protocols")(lambda cls, v: distinct(v))
 
     @field_validator("split")
     @classmethod
@@ -155,36 +103,15 @@ class ExperimentsConfig(StrictModel):
             raise ValueError("protocol 'official' needs split.folds_file (dsfoldN.txt or Folds.csv)")
         return value
 
-    @field_validator("folds", mode="before")
-    @classmethod
-    def _fold_count(cls, value: Any) -> Any:
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-            return list(range(1, value + 1))
-        return value
-
     @field_validator("folds")
     @classmethod
     def _folds_in_split(cls, value: list[int], info) -> list[int]:
         split = info.data.get("split")
         n = split.folds if split is not None else None
-        if not value or len(set(value)) != len(value):
-            raise ValueError(f"must be a non-empty list without repeats, got {value}")
+        distinct(value)
         if n is not None and any(not 1 <= f <= n for f in value):
             raise ValueError(f"folds must lie in 1..split.folds={n}, got {value}")
         return value
-
-    @field_validator("scaling")
-    @classmethod
-    def _workers(cls, value: ScalingSection | None) -> ScalingSection | None:
-        if value is not None and value.num_workers < 1:
-            raise ValueError("must have num_workers >= 1 in a grid: Ray Train's in-process mode (0) does not run "
-                             "inside a Ray Tune trial and persists no checkpoint to score")
-        return value
-
-    @property
-    def tree_root(self) -> str:
-        """The BreakHis tree or manifest the grid reads (``root``, else ``synthetic.out``)."""
-        return self.root if self.root is not None else self.synthetic.out
 
 
 class DemoConfig(StrictModel):

@@ -60,7 +60,7 @@ class SegDataConfig(SegSourceSection):
     scale: Literal["imagenet", "unit"] = "imagenet"
     materialize: bool = True
     decode_batch_size: int = Field(default=8, ge=1)
-    decode_num_cpus: float = Field(default=0.5, gt=0.0)
+    decode_num_cpus: float | None = Field(default=None, gt=0.0, description="as DataConfig.decode_num_cpus")
     decode_concurrency: int | None = Field(default=None, ge=1)
     augment: AugmentConfig = AugmentConfig()
     seed: int | None = Field(default=0, description="augmentation/shuffle seed; null: fresh entropy every run")

@@ -65,10 +65,9 @@ class DataConfig(StrictModel):
                                 "so no batch is a run of one patient or class from one block; 0: off")
     read_num_cpus: float | None = Field(default=None, gt=0.0)
     decode_batch_size: int = Field(default=32, ge=1)
-    decode_num_cpus: float = Field(default=0.5, gt=0.0, description="CPUs per decode task. Below 1.0 more tasks "
-                                   "run than a node has cores, and Ray starts a worker process for each extra one "
-                                   "on every execution (~1.5 s of CPU each): fine for the one materialize of "
-                                   "training, wasteful for streaming passes, which should use 1.0")
+    decode_num_cpus: float | None = Field(default=None, gt=0.0, description="CPUs per decode task; null: the "
+                                          "cluster's CPUs shared by one rule (breakhis_ray.data.cpu_share: a "
+                                          "whole core per task on whole-core machines), as infer and bench")
     decode_concurrency: int | None = Field(default=None, ge=1)
     decode: DecodeSection = Field(default_factory=DecodeSection, description="decoder backend and "
                                   "decompression-bomb guard of the decode stage (as prepare and infer)")

@@ -46,6 +46,7 @@ import numpy as np
 
 from breakhis_ray import storage
 from breakhis_ray.config import DataConfig
+from breakhis_ray.data.cpu_share import decode_task_cpus
 from breakhis_ray.data.augment import RandomAugment, execution_index, path_keys
 from breakhis_ray.data.decode import DEFAULT_MAX_PIXELS, ImageRejected, decode_rgb
 from breakhis_ray.data.transforms import PreprocessSpec, normalize, prepare_uint8
@@ -197,23 +198,26 @@ _PARQUET_V2_FLAG = "use_datasource_v2"
 def _read_settings(block_bytes: int, footer_readers: int):
     """While a read is planned: Ray Data's target block size (kept by the dataset, whose read then streams
     blocks of that size as the file is read), the V1 Parquet reader where this Ray has it (see
-    :data:`_PARQUET_V2_FLAG`) and, for the V2 reader, the number of footer-reading actors."""
+    :data:`_PARQUET_V2_FLAG`) and, for the V2 reader, the number of footer-reading actors. Progress bars are
+    off while the V1 reader samples the footers (a "Parquet dataset sampling" bar on every read otherwise);
+    :func:`read_split` gives the dataset the caller's setting back."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    saved_block, saved_env = ctx.target_max_block_size, os.environ.get(_FOOTER_READERS_ENV)
-    saved_v2 = getattr(ctx, _PARQUET_V2_FLAG, None)
-    ctx.target_max_block_size = block_bytes
-    if saved_v2 is not None:
+    saved = {"target_max_block_size": ctx.target_max_block_size, "enable_progress_bars": ctx.enable_progress_bars}
+    saved_env = os.environ.get(_FOOTER_READERS_ENV)
+    if hasattr(ctx, _PARQUET_V2_FLAG):
+        saved[_PARQUET_V2_FLAG] = getattr(ctx, _PARQUET_V2_FLAG)
         setattr(ctx, _PARQUET_V2_FLAG, False)
+    ctx.target_max_block_size = block_bytes
+    ctx.enable_progress_bars = False
     if saved_env is None:  # an explicit setting of the user's wins
         os.environ[_FOOTER_READERS_ENV] = str(footer_readers)
     try:
         yield
     finally:
-        ctx.target_max_block_size = saved_block
-        if saved_v2 is not None:
-            setattr(ctx, _PARQUET_V2_FLAG, saved_v2)
+        for key, value in saved.items():
+            setattr(ctx, key, value)
         if saved_env is None:
             os.environ.pop(_FOOTER_READERS_ENV, None)
 
@@ -243,6 +247,7 @@ def read_split(
     n_files, row_bytes = _read_layout(cfg)
     with _read_settings(max(1 << 16, cfg.decode_batch_size * row_bytes), min(32, -(-n_files // 10))):
         ds = ray.data.read_parquet(path, filesystem=fs, columns=wanted, **read_args)
+    ds.context.enable_progress_bars = ray.data.DataContext.get_current().enable_progress_bars
     predicates = [] if split is None else [col("split") == lit(split)]
     if cfg.magnifications != "all":
         predicates.append(col("magnification").is_in(list(cfg.magnifications)))
@@ -254,6 +259,15 @@ def read_split(
     for more in predicates[1:]:
         predicate = predicate & more
     return ds.filter(expr=predicate)
+
+
+def decode_cpus(configured: float | None) -> float:
+    """CPUs per decode task: ``configured`` when set, else the running Ray cluster's CPUs shared by the one
+    rule (:func:`breakhis_ray.data.cpu_share.share_cpus`: a whole core per task on whole-core machines)."""
+    import ray
+
+    free = ray.cluster_resources().get("CPU") if configured is None and ray.is_initialized() else None
+    return decode_task_cpus(configured, free)
 
 
 def decode_stage(cfg: DataConfig, ds, spec: PreprocessSpec, keep: Sequence[str] = (), with_key: bool = False,
@@ -269,7 +283,7 @@ def decode_stage(cfg: DataConfig, ds, spec: PreprocessSpec, keep: Sequence[str] 
                     backend=cfg.decode.backend),
         batch_size=cfg.decode_batch_size,
         batch_format="numpy",
-        num_cpus=cfg.decode_num_cpus,
+        num_cpus=decode_cpus(cfg.decode_num_cpus),
         concurrency=cfg.decode_concurrency,
         udf_modifying_row_count=False,
     )

@@ -27,11 +27,19 @@ import time
 
 from breakhis_ray import storage
 from breakhis_ray.artifacts import table_bytes, write_atomic, write_json, write_provenance
-from breakhis_ray.config import CVConfig, TrainConfig, dump_config, load_config, validate_config
+from breakhis_ray.config import CVConfig, TrainConfig, load_config, validate_config
 from breakhis_ray.domain import MAGNIFICATIONS, task_classes
 from breakhis_ray.errors import BreakhisError, ConfigError, DataError
 from breakhis_ray.experiments.cv_summary import CI_METHOD, flat_metrics, fold_statistics, format_summary
-from breakhis_ray.experiments.plan import STATE_DIR, GridInputs, finish_train, prepared_uri, trial_id_for, trial_spec
+from breakhis_ray.experiments.plan import (
+    STATE_DIR,
+    GridInputs,
+    absolute_paths,
+    finish_train,
+    prepared_uri,
+    trial_id_for,
+    trial_spec,
+)
 from breakhis_ray.experiments.results import finished_trials
 
 log = logging.getLogger(__name__)
@@ -77,15 +85,7 @@ def plan_cv(cfg: CVConfig, inputs: GridInputs) -> list[dict]:
 # ----------------------------------------------------------------------------------------- driver
 def _absolute(cfg: CVConfig) -> CVConfig:
     """Local paths made absolute: Ray Tune runs each trial in its own working directory."""
-    data = dump_config(cfg)
-    data["out"] = storage.join(cfg.out)
-    if cfg.root is not None and "://" not in cfg.root:
-        data["root"] = storage.join(cfg.root)
-    if cfg.synthetic is not None and "://" not in cfg.synthetic.out:
-        data["synthetic"]["out"] = storage.join(cfg.synthetic.out)
-    if "://" not in cfg.base_train_config:
-        data["base_train_config"] = storage.join(cfg.base_train_config)
-    return validate_config(CVConfig, data)
+    return validate_config(CVConfig, absolute_paths(cfg))
 
 
 def _with_task_balance(cfg: CVConfig) -> CVConfig:

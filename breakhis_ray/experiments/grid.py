@@ -8,9 +8,9 @@ import time
 
 from breakhis_ray import storage
 from breakhis_ray.artifacts import write_provenance
-from breakhis_ray.config import ExperimentsConfig, dump_config, validate_config
+from breakhis_ray.config import ExperimentsConfig, validate_config
 from breakhis_ray.errors import BreakhisError, ConfigError, DataError
-from breakhis_ray.experiments.plan import STATE_DIR, GridInputs, plan_trials, prepared_uri
+from breakhis_ray.experiments.plan import STATE_DIR, GridInputs, absolute_paths, plan_trials, prepared_uri
 from breakhis_ray.experiments.results import finished_trials, format_tables, grid_rows, write_outputs
 from breakhis_ray.experiments.stages import prepare_inputs
 from breakhis_ray.experiments.tuning import run_tune
@@ -26,12 +26,7 @@ def _check_resume(cfg: ExperimentsConfig, done: set[str]) -> None:
 
 def _absolute(cfg: ExperimentsConfig) -> ExperimentsConfig:
     """Local paths made absolute: Ray Tune runs each trial in its own working directory."""
-    data = dump_config(cfg)
-    data["out"] = storage.join(cfg.out)
-    if cfg.root is not None and "://" not in cfg.root:
-        data["root"] = storage.join(cfg.root)
-    if cfg.synthetic is not None and "://" not in cfg.synthetic.out:
-        data["synthetic"]["out"] = storage.join(cfg.synthetic.out)
+    data = absolute_paths(cfg)
     if cfg.segmenter.checkpoint and "://" not in cfg.segmenter.checkpoint:
         data["segmenter"]["checkpoint"] = storage.join(cfg.segmenter.checkpoint)
     return validate_config(ExperimentsConfig, data)

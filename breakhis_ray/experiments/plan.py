@@ -11,7 +11,14 @@ import json
 from dataclasses import dataclass, field
 
 from breakhis_ray import storage
-from breakhis_ray.config import ExperimentsConfig, TrainConfig, dump_config, load_config, validate_config
+from breakhis_ray.config import (
+    ExperimentsConfig,
+    TrainConfig,
+    TrialRunConfig,
+    dump_config,
+    load_config,
+    validate_config,
+)
 from breakhis_ray.errors import ConfigError
 
 STATE_DIR = "state"
@@ -50,6 +57,20 @@ class GridInputs:
     prepared: dict[tuple[str, int], str]
     unet_checkpoint: str | None = None
     prepare_summaries: dict[tuple[str, int], str] = field(default_factory=dict)
+
+
+def absolute_paths(cfg: TrialRunConfig) -> dict:
+    """``cfg`` dumped with its local paths made absolute (Ray Tune runs each trial in its own working
+    directory): ``out``, ``root``, ``synthetic.out`` and ``base_train_config``; ``s3://`` URIs unchanged."""
+    data = dump_config(cfg)
+    data["out"] = storage.join(cfg.out)
+    if cfg.root is not None and "://" not in cfg.root:
+        data["root"] = storage.join(cfg.root)
+    if cfg.synthetic is not None and "://" not in cfg.synthetic.out:
+        data["synthetic"]["out"] = storage.join(cfg.synthetic.out)
+    if "://" not in cfg.base_train_config:
+        data["base_train_config"] = storage.join(cfg.base_train_config)
+    return data
 
 
 def _identity(train: TrainConfig, protocol: str, fold: int) -> dict:

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 
 from breakhis_ray import storage, tracking
 from breakhis_ray.config import ExperimentsConfig, TrainConfig, dump_config, validate_config
+from breakhis_ray.data.cpu_share import decode_task_cpus
 from breakhis_ray.experiments.trial import run_trial
 
 log = logging.getLogger(__name__)
@@ -23,12 +24,12 @@ def _error_line(error: BaseException) -> str:
     return text.splitlines()[-1][:300] if text else type(error).__name__
 
 
-def _trial_cpus(cfg: ExperimentsConfig, spec: dict) -> tuple[float, float]:
+def _trial_cpus(cfg: ExperimentsConfig, spec: dict, cluster_cpus: float) -> tuple[float, float]:
     """(CPUs a training trial holds: its driver + its Train workers; the largest single Ray Data or
     scoring task it starts)."""
     train = validate_config(TrainConfig, spec["train"])
     held = cfg.trial_cpus + train.scaling.num_workers * train.scaling.cpus_per_worker
-    tasks = [train.data.decode_num_cpus, train.data.augment.num_cpus, cfg.scoring.num_cpus]
+    tasks = [decode_task_cpus(train.data.decode_num_cpus, cluster_cpus), train.data.augment.num_cpus, cfg.scoring.num_cpus]
     if train.guidance.method != "none":
         tasks.append(train.guidance.num_cpus)
     return held, max(tasks)
@@ -37,7 +38,7 @@ def _trial_cpus(cfg: ExperimentsConfig, spec: dict) -> tuple[float, float]:
 def concurrency(cfg: ExperimentsConfig, specs: list[dict], cluster_cpus: float) -> int:
     """``max_concurrent_trials``, lowered so that trials holding their CPUs still leave room for one Ray Data
     or scoring task: Train workers whose input tasks cannot be scheduled wait forever."""
-    held, task = (max(v) for v in zip(*(_trial_cpus(cfg, s) for s in specs)))
+    held, task = (max(v) for v in zip(*(_trial_cpus(cfg, s, cluster_cpus) for s in specs)))
     fits = int((cluster_cpus - task) // held) if held > 0 else cfg.max_concurrent_trials
     return max(1, min(cfg.max_concurrent_trials, fits))
 

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from breakhis_ray import storage
 from breakhis_ray.config import InferConfig
+from breakhis_ray.data.cpu_share import FALLBACK_DECODE_CPUS, share_cpus
 from breakhis_ray.errors import ConfigError, DataError, StorageError
 from breakhis_ray.inference.schema import CHUNK_COLUMN
 
@@ -185,14 +186,9 @@ def plan_inputs(cfg: InferConfig) -> InputPlan:
     return _plan_manifest(parquets, cfg.chunk_size)
 
 
+
+
 # ------------------------------------------------------------------------------------------ stage sizes
-#: CPUs per decode task when the cluster's CPU count is unknown, or when the model actors leave less than
-#: :data:`MIN_DECODE_CPUS` of it (decoding one image is one core of work).
-FALLBACK_DECODE_CPUS = 1.0
-#: The smallest reservation :func:`plan_stages` gives a decode task.
-MIN_DECODE_CPUS = 0.25
-
-
 @dataclass(frozen=True)
 class StagePlan:
     """How the CPU decode tasks and the model actors share the cluster (:func:`plan_stages`).
@@ -219,21 +215,20 @@ def plan_stages(cfg: InferConfig, cluster_cpus: float | None) -> StagePlan:
     """Decode-task CPUs from the cluster's CPUs and what the model actors reserve.
 
     With ``cfg.decode_num_cpus`` null, the CPUs the actors leave (``cluster_cpus - concurrency x num_cpus``)
-    are split into ``ceil(free)`` decode tasks of ``free / ceil(free)`` CPUs each: every core runs a decoder
-    or a model thread, and the decoders together reserve exactly what is left (on 2 cores beside one actor
-    at 0.5 CPU: 2 tasks of 0.75). A whole core per task (the former default) lets only one decoder run there
-    and leaves decode, the slower stage, on one core; 0.5 per task runs three decoders beside the
-    actor's thread, which then gets half a core (docs/BENCHMARKS.md). With less than
-    :data:`MIN_DECODE_CPUS` left, or the CPU count unknown, tasks take :data:`FALLBACK_DECODE_CPUS`.
+    are shared by :func:`breakhis_ray.data.cpu_share.share_cpus` (the rule of every decode stage):
+    ``ceil(free)`` tasks of ``free / ceil(free)`` CPUs each, so every core runs a decoder or a model thread
+    (on 2 cores beside one actor at 0.5 CPU: 2 tasks of 0.75). A whole core per task (the former default)
+    lets only one decoder run there and leaves decode, the slower stage, on one core; 0.5 per task runs three
+    decoders beside the actor's thread, which then gets half a core (docs/BENCHMARKS.md). With less than
+    :data:`~breakhis_ray.data.cpu_share.MIN_DECODE_CPUS` left, or the CPU count unknown, tasks take
+    :data:`~breakhis_ray.data.cpu_share.FALLBACK_DECODE_CPUS`.
     """
     model_cpus = cfg.concurrency * cfg.num_cpus
     threads = cfg.torch_threads or max(1, round(cfg.num_cpus))
     if cfg.decode_num_cpus is not None:
         tasks = int((cluster_cpus - model_cpus) // cfg.decode_num_cpus) if cluster_cpus else 1
         return StagePlan(cfg.decode_num_cpus, max(1, tasks), model_cpus, threads, cluster_cpus, "config")
-    free = (cluster_cpus or 0.0) - model_cpus
-    if not cluster_cpus or free < MIN_DECODE_CPUS:
+    share = share_cpus((cluster_cpus or 0.0) - model_cpus) if cluster_cpus else None
+    if share is None:
         return StagePlan(FALLBACK_DECODE_CPUS, 1, model_cpus, threads, cluster_cpus, "fallback")
-    tasks = max(1, math.ceil(free - 1e-9))
-    per_task = max(MIN_DECODE_CPUS, math.floor(free / tasks * 1000) / 1000)
-    return StagePlan(per_task, tasks, model_cpus, threads, cluster_cpus, "cores")
+    return StagePlan(share[0], share[1], model_cpus, threads, cluster_cpus, "cores")

@@ -277,11 +277,13 @@ def _from_rows(rows: "pd.DataFrame", block_rows: int):
 
 
 def load_stage(ds, cfg: SegDataConfig, spec: "PreprocessSpec", with_key: bool):
+    from breakhis_ray.data.pipeline import decode_cpus
+
     return ds.map_batches(
         LoadPairs(spec.to_dict(), cfg.mask_source, cfg.pseudo_options, with_key=with_key),
         batch_size=cfg.decode_batch_size,
         batch_format="numpy",
-        num_cpus=cfg.decode_num_cpus,
+        num_cpus=decode_cpus(cfg.decode_num_cpus),
         concurrency=cfg.decode_concurrency,
         udf_modifying_row_count=False,
     )
