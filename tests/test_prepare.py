@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -306,6 +307,19 @@ def test_prepare_local_enhance_idempotent(tree, tmp_path, ray_session, caplog):
     again = run_prepare(cfg)
     assert again["shards"] == summary["shards"] and _files(out) == before
     assert read_shards(str(out))["path"].is_unique
+
+    # the same tree in another directory: the same split and the same enhanced (stain-jittered) pixels
+    moved = tmp_path / "elsewhere" / "tree"
+    shutil.copytree(root, moved)
+    jitter = {"enabled": True, "transforms": ["hflip", "vflip", "hed_jitter"]}
+    run_prepare(_cfg(str(root), str(tmp_path / "prepared_here"), enhance=jitter))
+    run_prepare(_cfg(str(moved), str(tmp_path / "prepared_moved"), enhance=jitter))
+    rows = {}
+    for where in ("here", "moved"):
+        frame = read_shards(str(tmp_path / f"prepared_{where}"))
+        tails = ["/".join(p.rsplit("/", 3)[-3:]) for p in frame["path"]]
+        rows[where] = dict(zip(tails, zip(frame["split"], frame["image"])))
+    assert rows["here"] == rows["moved"] and len(rows["here"]) > len(shards[shards["augmentation"].isna()])
 
 
 @pytest.mark.ray

@@ -193,3 +193,15 @@ def test_path_keys_are_stable_and_distinct():
     keys = augment.path_keys(["a.png", "b.png", "a.png#aug=hflip"])
     assert keys.dtype == np.int64 and len(set(keys.tolist())) == 3
     np.testing.assert_array_equal(keys, augment.path_keys(["a.png", "b.png", "a.png#aug=hflip"]))
+
+
+def test_path_keys_do_not_depend_on_where_the_tree_lies():
+    """A clone in another directory, or the same tree on s3://, gives every row the same key (so the same
+    augmentations and enhancement copies); names repeated in other patient or magnification folders differ."""
+    tail = "SOB_B_A_14-22549AB/40X/SOB_B_A-14-22549AB-40-001.png"
+    where = [f"/work/main/runs/demo/BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis/{tail}",
+             f"/tmp/elsewhere/{tail}", f"s3://bucket/breakhis/{tail}", f"C:\\data\\{tail.replace('/', chr(92))}"]
+    keys = augment.path_keys(where + [w + "#aug=hflip" for w in where[:2]])
+    assert len(set(keys[:4].tolist())) == 1 and len(set(keys[4:].tolist())) == 1 and keys[0] != keys[4]
+    repeated = augment.path_keys(["/t/P1/40X/001.png", "/t/P2/40X/001.png", "/t/P1/100X/001.png"])
+    assert len(set(repeated.tolist())) == 3

@@ -11,8 +11,9 @@ saturation).
 Randomness and reproducibility
 ------------------------------
 Every row gets its own ``numpy.random.Generator`` seeded by ``(seed, epoch, key)``
-(:func:`sample_rngs`), where ``key`` is a stable 64-bit hash of the row's ``path`` (:func:`path_keys`: the
-same whatever block, batch or worker the row lands in) and ``epoch`` is the 0-based training epoch. Inside a
+(:func:`sample_rngs`), where ``key`` is a stable 64-bit hash of the last :data:`KEY_PARTS` components of the
+row's ``path`` (:func:`path_keys`: the same whatever block, batch or worker the row lands in, and wherever the
+tree lies: a clone in another directory or the same tree on ``s3://`` draws the same augmentations) and ``epoch`` is the 0-based training epoch. Inside a
 Ray Data pipeline (:class:`RandomAugment`) ``epoch`` is Ray Data's execution index of the dataset (the
 counter behind ``RandomSeedConfig(reseed_after_execution=True)``, which grows by one each time the dataset is
 executed, i.e. each epoch, in the driver and in Ray Train's split coordinator alike) minus the index the
@@ -39,6 +40,7 @@ segmentation-guided classification) draw the same way; flips and quarter turns m
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -55,11 +57,18 @@ _MASK64 = (1 << 64) - 1
 
 
 # ---------------------------------------------------------------------------------------------- seeding
+#: Path components a row's key is made of: BreakHis' ``<patient folder>/<magnification>X/<file name>`` (the file
+#: name alone is unique there; the two folders keep keys distinct in trees whose names repeat per folder).
+KEY_PARTS = 3
+
+
 def path_keys(paths: Sequence[str]) -> np.ndarray:
-    """Stable int64 key per path (first 8 bytes of BLAKE2b): the per-row seed component."""
+    """Stable int64 key per path (first 8 bytes of BLAKE2b of its last :data:`KEY_PARTS` components, so the
+    key does not depend on where the tree lies): the per-row seed component."""
     out = np.empty(len(paths), dtype=np.int64)
     for i, path in enumerate(paths):
-        digest = hashlib.blake2b(str(path).encode("utf-8"), digest_size=8).digest()
+        tail = "/".join(re.split(r"[/\\]+", str(path))[-KEY_PARTS:])
+        digest = hashlib.blake2b(tail.encode("utf-8"), digest_size=8).digest()
         out[i] = int.from_bytes(digest, "little", signed=True)
     return out
 
