@@ -245,8 +245,6 @@ def read_split(
     if cfg.read_num_cpus is not None:
         read_args["num_cpus"] = cfg.read_num_cpus
     n_files, row_bytes = _read_layout(cfg)
-    if os.environ.get("XBLOCKS"):
-        read_args["override_num_blocks"] = n_files * int(os.environ["XBLOCKS"])
     with _read_settings(max(1 << 16, cfg.decode_batch_size * row_bytes), min(32, -(-n_files // 10))):
         ds = ray.data.read_parquet(path, filesystem=fs, columns=wanted, **read_args)
     ds.context.enable_progress_bars = ray.data.DataContext.get_current().enable_progress_bars
