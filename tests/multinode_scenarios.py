@@ -143,7 +143,7 @@ class NodeLoss:
         if state != self._seen:
             self.record["timeline"].append({"t": self._now(), "state": state})
             self._seen = state
-        if not self.killed and self.ready(state):
+        if not self.killed and self.ready(state) and self._all_placed():
             self._kill(state)
         if self.killed and "victim_dead_at" not in self.record and not node_alive(self.record["victim"]):
             import ray
@@ -168,6 +168,11 @@ class NodeLoss:
         self.record.setdefault("samples", []).append(
             {"t": self._now(), "available": ray._private.state.available_resources_per_node(), "pgs": pgs})
         self.record["samples"] = self.record["samples"][-20:]
+
+    def _all_placed(self) -> bool:
+        """One live actor of ``actor_class`` per worker node: Ray Data's actor pool starts serving as soon as its
+        first actor is up, and on a busy machine the second may still be starting when the kill condition holds."""
+        return len([a for a in actors_by_class(self.actor_class) if a["state"] == "ALIVE"]) >= len(self.workers)
 
     def _kill(self, state) -> None:
         placed = [a for a in actors_by_class(self.actor_class) if a["state"] == "ALIVE"]
