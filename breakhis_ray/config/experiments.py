@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 from breakhis_ray.config.base import StrictModel, magnification_list, shipped_config, wh_size
 from breakhis_ray.config.common import RayConfig
 from breakhis_ray.config.data import SplitOptions
-from breakhis_ray.config.trials import GridScoringSection, TrialRunConfig, distinct  # noqa: F401 (re-export)
+from breakhis_ray.config.trials import GridScoringSection, TrialRunConfig, distinct  # noqa: F401 (GridScoringSection: re-exported)
 from breakhis_ray.domain import MAGNIFICATIONS
 
 
