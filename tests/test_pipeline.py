@@ -262,3 +262,45 @@ def test_training_decode_tasks_use_the_same_rule_as_infer(ray_session):
     assert tasks * per_task <= cpus + 1e-9 and tasks == math.ceil(cpus - 1e-9)
     assert share_cpus(1.5) == (0.75, 2) and share_cpus(0.1) is None
     assert pipeline.decode_cpus(0.3) == 0.3
+
+
+def _decoded_by_path(ds) -> dict[str, np.ndarray]:
+    return {r["path"]: r["image"] for r in ds.take_all()}
+
+
+def test_a_file_per_decode_task_reads_and_decodes_each_file_in_one_task_with_the_same_pixels(ray_session, tmp_path):
+    """With at least as many shard files as decode tasks fit on the cluster, Ray Data runs read + decode as one
+    fused task per file (encoded bytes never cross the object store) and gives the same decoded rows as the
+    separate stages (forced here by a read reservation unlike the decode tasks'); with fewer files than that
+    the read stays a separate stage, so every core still decodes. Ray Data's per-operator reservation is off
+    for these datasets (it held the fused operator to one task on a 2-CPU node)."""
+    import ray
+
+    from breakhis_ray.data.transforms import PreprocessSpec
+
+    spec = PreprocessSpec(size=(SIZE, SIZE))
+    slots = int(ray.cluster_resources()["CPU"] // pipeline.decode_cpus(None))
+    rows = [r for r in _rows() if r["augmentation"] is None]
+    (tmp_path / "shards").mkdir()
+    files = slots + 1
+    for part in range(files):
+        chunk = rows[part::files]
+        pq.write_table(pa.Table.from_pylist(chunk, schema=SCHEMA), tmp_path / "shards" / f"part-{part:05d}.parquet")
+
+    cfg = _cfg(str(tmp_path))
+    assert pipeline.fused_decode_cpus(cfg, files) == pipeline.decode_cpus(None)
+    assert pipeline.fused_decode_cpus(cfg, slots - 1) is None
+    assert pipeline.fused_decode_cpus(_cfg(str(tmp_path), decode_concurrency=1), files) is None
+    split = pipeline.read_split(cfg, "train", keep=["path"])
+    assert split.context.op_resource_reservation_enabled is False
+    fused = pipeline.decode_stage(cfg, split, spec, keep=["path"]).materialize()
+    assert "ReadParquet->MapBatches(DecodeBatch)" in fused.stats(), fused.stats()
+
+    apart_cfg = _cfg(str(tmp_path), read_num_cpus=0.5)
+    apart = pipeline.decode_stage(apart_cfg, pipeline.read_split(apart_cfg, "train", keep=["path"]), spec,
+                                  keep=["path"]).materialize()
+    assert "ReadParquet->MapBatches" not in apart.stats() and "MapBatches(DecodeBatch)" in apart.stats()
+    got, want = _decoded_by_path(fused), _decoded_by_path(apart)
+    assert sorted(got) == sorted(r["path"] for r in _expected(rows, "train")) == sorted(want)
+    for path, image in want.items():
+        np.testing.assert_array_equal(got[path], image)

@@ -77,6 +77,16 @@ def test_normalize_numpy_equals_torch():
     np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=1e-6)
 
 
+def test_normalize_in_channels_last_layout_gives_the_same_values():
+    """The layout the inference actors ask for comes without a transposing copy and holds the same values."""
+    batch = torch.from_numpy(np.stack([random_rgb(12, 10, s) for s in range(3)]))
+    spec = PreprocessSpec(size=(12, 10), scale="imagenet")
+    nchw = normalize(batch, spec)
+    last = normalize(batch, spec, memory_format=torch.channels_last)
+    assert last.is_contiguous(memory_format=torch.channels_last) and not last.is_contiguous()
+    assert torch.equal(last, nchw)
+
+
 def test_imagenet_and_unit_scaling_values():
     batch = np.zeros((1, 2, 2, 3), np.uint8)
     batch[0, 1] = 255

@@ -163,10 +163,10 @@ def raw_baselines(classifier: str, segmenter: str | None, encoded: list[bytes], 
             layout, step = predictor.memory_format, predictor.forward_batch_size or batch_size
             with torch.inference_mode():
                 tensors = [torch.from_numpy(b["_image"]) for b in batches]
-                predictor.model(normalize(tensors[0], predictor.spec).contiguous(memory_format=layout)[:step])
+                predictor.model(normalize(tensors[0], predictor.spec, memory_format=layout)[:step])
                 start = time.perf_counter()
                 for t in tensors:
-                    x = normalize(t.to(predictor.device), predictor.spec).contiguous(memory_format=layout)
+                    x = normalize(t.to(predictor.device), predictor.spec, memory_format=layout)
                     for i in range(0, len(x), step):
                         predictor.model(x[i:i + step])
                 forward_s = time.perf_counter() - start
@@ -193,7 +193,7 @@ def forward_sweep(classifier: str, encoded: list[bytes], sizes: list[int], threa
         images = torch.from_numpy(predictor.decode(encoded)["_image"])
         need = 2 * max(sizes)
         images = images.repeat(-(-need // len(images)), 1, 1, 1)[:need]
-        x = normalize(images, predictor.spec).contiguous(memory_format=predictor.memory_format)
+        x = normalize(images, predictor.spec, memory_format=predictor.memory_format)
         best = {size: float("inf") for size in sizes}
         with torch.inference_mode():
             for size in sizes:

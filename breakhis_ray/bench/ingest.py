@@ -32,7 +32,11 @@ CPU per image barely does). ``dataloader_vs_ray_shards_cpu_per_image`` > 1: Ray 
 
 Data: a small synthetic BreakHis (:func:`breakhis_ray.data.synthetic.run_synth`, about ``n_images``
 images) prepared twice with :func:`breakhis_ray.data.shards.run_prepare` (``source="synthetic"``), or
-smooth random PNGs and shards written here (``source="random"``, faster to make).
+smooth random PNGs and shards written here (``source="random"``, faster to make). Either way the N images
+lie in :func:`shard_rows`-sized shard files, four per core: the layout the whole BreakHis (7,909 images,
+8 shards of ``prepare``'s default 1,000) has on a 2-core machine, so the pipeline reads and decodes with
+the parallelism it has on the real dataset (:func:`breakhis_ray.data.pipeline.fused_decode_cpus`) rather
+than that of one small file.
 
 Sizes come from :class:`~breakhis_ray.config.BenchIngestSection` (``breakhis-ray bench ingest.n_images=...``;
 ``python benchmarks/ingest.py`` runs this section alone through the same config).
@@ -41,6 +45,7 @@ Sizes come from :class:`~breakhis_ray.config.BenchIngestSection` (``breakhis-ray
 from __future__ import annotations
 
 import io
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -68,7 +73,13 @@ def synth_options(n_images: int, seed: int) -> dict[str, Any]:
     return {"patients": patients, "fraction": min(1.0, max(n_images / total, 1e-4))}
 
 
-def _make_synthetic(work: Path, n_images: int, size: int, seed: int) -> tuple[list[str], str, str]:
+def shard_rows(n_images: int, cores: int) -> int:
+    """Images per shard file of the benchmark's data: ``n_images`` in four files per core."""
+    return max(1, math.ceil(n_images / (4 * max(1, cores))))
+
+
+def _make_synthetic(work: Path, n_images: int, size: int, seed: int,
+                    shard_size: int) -> tuple[list[str], str, str]:
     """Synthetic tree + two prepared outputs (original PNGs, PNGs resized to ``size``)."""
     from breakhis_ray.config import PrepareConfig, SynthConfig
     from breakhis_ray.data.shards import run_prepare
@@ -79,12 +90,12 @@ def _make_synthetic(work: Path, n_images: int, size: int, seed: int) -> tuple[li
                           **synth_options(n_images, seed)))
     pngs = storage.list_files(str(tree / "BreaKHis_v1"), suffixes=[".png"])
     full, resized = work / "prepared_full", work / "prepared_resized"
-    run_prepare(PrepareConfig(root=str(tree), out=str(full)))
-    run_prepare(PrepareConfig(root=str(tree), out=str(resized), resize=f"{size}x{size}"))
+    run_prepare(PrepareConfig(root=str(tree), out=str(full), shard_size=shard_size))
+    run_prepare(PrepareConfig(root=str(tree), out=str(resized), resize=f"{size}x{size}", shard_size=shard_size))
     return pngs, str(full), str(resized)
 
 
-def _write_shards(out: Path, rows: list[dict]) -> None:
+def _write_shards(out: Path, rows: list[dict], shard_size: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -97,12 +108,13 @@ def _write_shards(out: Path, rows: list[dict]) -> None:
     ]))
     options = {key: ({c: v for c, v in value.items() if c in table.column_names} if isinstance(value, dict)
                      else [c for c in value if c in table.column_names]) for key, value in SHARD_WRITE_OPTIONS.items()}
-    for part, start in enumerate(range(0, len(rows), 1000)):
-        pq.write_table(table.slice(start, 1000), out / "shards" / f"part-{part:05d}.parquet", row_group_size=64,
+    for part, start in enumerate(range(0, len(rows), shard_size)):
+        pq.write_table(table.slice(start, shard_size), out / "shards" / f"part-{part:05d}.parquet", row_group_size=64,
                        **options)
 
 
-def _make_random(work: Path, n_images: int, size: int, seed: int) -> tuple[list[str], str, str]:
+def _make_random(work: Path, n_images: int, size: int, seed: int,
+                 shard_size: int) -> tuple[list[str], str, str]:
     """Smooth random 700x460 PNGs (compressible like tissue) and shards in the shard schema."""
     from PIL import Image
 
@@ -123,8 +135,8 @@ def _make_random(work: Path, n_images: int, size: int, seed: int) -> tuple[list[
         full_rows.append({**row, "image": path.read_bytes()})
         small_rows.append({**row, "image": buf.getvalue()})
         paths.append(str(path))
-    _write_shards(work / "prepared_full", full_rows)
-    _write_shards(work / "prepared_resized", small_rows)
+    _write_shards(work / "prepared_full", full_rows, shard_size)
+    _write_shards(work / "prepared_resized", small_rows, shard_size)
     return paths, str(work / "prepared_full"), str(work / "prepared_resized")
 
 
@@ -291,7 +303,7 @@ def run_ingest_benchmark(section: "BenchIngestSection", *, seed: int = 0,
     try:
         t0 = time.perf_counter()
         make = _make_synthetic if source == "synthetic" else _make_random
-        paths, full, resized = make(work, n_images, size, seed)
+        paths, full, resized = make(work, n_images, size, seed, shard_rows(n_images, cores))
         setup_s = time.perf_counter() - t0
         full_2n, resized_2n = _doubled(full, work / "prepared_full_2n"), _doubled(resized, work / "prepared_resized_2n")
 
@@ -335,6 +347,7 @@ def run_ingest_benchmark(section: "BenchIngestSection", *, seed: int = 0,
     dl = rates["dataloader"]
     summary = {
         "n_images": len(paths),
+        "shard_rows": shard_rows(n_images, cores),
         "size": size,
         "cores": cores,
         "dataloader_workers": workers,

@@ -2,15 +2,26 @@
 
 Per split (``train`` / ``val`` / ``test`` of the fold the shards were prepared for)::
 
-    read_parquet(<shards>/shards, only the needed columns)     projection pushed into the scan; blocks of
+    read_parquet(<shards>/shards, only the needed columns)     one read task per shard file; projection
+                                                               pushed into the scan; blocks of
                                                                ~decode_batch_size rows, streamed as read
       -> filter split, magnifications[, offline-augmented]    predicate pushed into the scan
-      -> map_batches(DecodeBatch)                              deterministic: decode, resize, stain-norm
+      -> map_batches(DecodeBatch)                              deterministic: decode, resize, stain-norm;
+                                                               fused with the read (see below)
       -> repartition(block_rows)                               train, shuffle="blocks": small blocks
       -> materialize()                                         train and val: decoded once, cached
       -> randomize_block_order / random_shuffle                train: a new order every epoch
       -> map_batches(RandomAugment)                            train: new random draws every epoch
       -> iter_torch_batches(local shuffle buffer)              train, per rank: rows mixed across blocks
+
+Read and decode run in one task per shard file whenever there are at least as many files as decode tasks
+fit on the cluster (:func:`fused_decode_cpus`): Ray Data then fuses ``ReadParquet->MapBatches(DecodeBatch)``,
+so the encoded PNG bytes (~0.5 MB per BreakHis image) never pass through the object store; each task reads a
+block of ~``decode_batch_size`` rows, decodes it and yields it. With fewer files than decode tasks (a small
+cohort in one shard), the read stays a separate stage and decode tasks of ``decode_batch_size`` rows spread
+every file's rows over the cores. Ray Data's per-operator resource reservation is off for these datasets:
+it let the single fused operator run one task on a 2-CPU node (1.6 of 2 cores busy); without it both run
+(1.94 cores), see docs/BENCHMARKS.md.
 
 The local shuffle matters: shards keep ``prepare``'s row order (by class, subtype and patient), so a block is
 mostly one class and one patient, and without mixing a batch would be too: BatchNorm then normalises the class
@@ -67,6 +78,8 @@ _SUBTYPE_IDS = {name: i for i, name in enumerate(SUBTYPE_CLASSES)}
 
 # augmented train dataset -> the materialized dataset it draws from (class counts without augmenting)
 _BASES: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+# dataset of read_split whose read fuses with the decode stage -> CPUs of that one task
+_FUSED: "weakref.WeakKeyDictionary[Any, float]" = weakref.WeakKeyDictionary()
 
 
 def shards_uri(cfg: DataConfig) -> str:
@@ -233,7 +246,6 @@ def read_split(
     footers here, once (its V2 reader, where V1 is gone, reads them on one actor per ten shard files, at most
     32, started on every execution)."""
     import ray.data
-    from ray.data.expressions import col, lit
 
     if split is not None and split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
@@ -241,13 +253,28 @@ def read_split(
     has_aug = "augmentation" in names
     wanted = list(dict.fromkeys([*REQUIRED_COLUMNS, *keep, *(["augmentation"] if has_aug else [])]))
     fs, path = storage.resolve(shards_uri(cfg))
-    read_args: dict[str, Any] = {}
-    if cfg.read_num_cpus is not None:
-        read_args["num_cpus"] = cfg.read_num_cpus
     n_files, row_bytes = _read_layout(cfg)
+    fused = fused_decode_cpus(cfg, n_files)
+    # one read task per file: more would only split each file's output into blocks of 1-3 rows
+    read_args: dict[str, Any] = {"override_num_blocks": n_files}
+    if fused is not None:
+        read_args["num_cpus"] = fused
+    elif cfg.read_num_cpus is not None:
+        read_args["num_cpus"] = cfg.read_num_cpus
     with _read_settings(max(1 << 16, cfg.decode_batch_size * row_bytes), min(32, -(-n_files // 10))):
         ds = ray.data.read_parquet(path, filesystem=fs, columns=wanted, **read_args)
     ds.context.enable_progress_bars = ray.data.DataContext.get_current().enable_progress_bars
+    ds.context.op_resource_reservation_enabled = False
+    ds = _filtered(ds, cfg, split, has_aug)
+    if fused is not None:
+        _FUSED[ds] = fused
+    return ds
+
+
+def _filtered(ds, cfg: DataConfig, split: str | None, has_aug: bool):
+    """``ds`` with :func:`read_split`'s row filters (pushed into the Parquet scan by Ray Data)."""
+    from ray.data.expressions import col, lit
+
     predicates = [] if split is None else [col("split") == lit(split)]
     if cfg.magnifications != "all":
         predicates.append(col("magnification").is_in(list(cfg.magnifications)))
@@ -270,20 +297,38 @@ def decode_cpus(configured: float | None) -> float:
     return decode_task_cpus(configured, free)
 
 
+def fused_decode_cpus(cfg: DataConfig, n_files: int) -> float | None:
+    """CPUs of the one task per shard file that reads and decodes it, or ``None`` when the read stays a
+    separate stage: fewer files than decode tasks fit on the cluster (a fused read would leave cores idle),
+    a ``decode_concurrency`` cap or a ``read_num_cpus`` other than the decode tasks' (both keep Ray Data
+    from fusing)."""
+    import ray
+
+    task_cpus = decode_cpus(cfg.decode_num_cpus)
+    if cfg.decode_concurrency is not None or cfg.read_num_cpus not in (None, task_cpus):
+        return None
+    cluster = ray.cluster_resources().get("CPU", 0.0) if ray.is_initialized() else float(os.cpu_count() or 1)
+    slots = max(1, int(cluster // task_cpus))
+    return task_cpus if n_files >= slots else None
+
+
 def decode_stage(cfg: DataConfig, ds, spec: PreprocessSpec, keep: Sequence[str] = (), with_key: bool = False,
                  task: str = "binary"):
     """The deterministic ``map_batches(DecodeBatch)`` stage on rows from :func:`read_split` (which must carry
     ``LABEL_SOURCE[task]``).
 
-    :func:`read_split` already streams blocks of about ``decode_batch_size`` rows (a shard file holds ~1k
-    images), so every core decodes, however few files there are, without a repartition of each file's rows.
+    :func:`read_split` streams blocks of about ``decode_batch_size`` rows. Where it chose a fused read
+    (:func:`fused_decode_cpus`), every read block is one decode batch and the stage asks for the read's CPUs,
+    so Ray Data runs both in one task per file; otherwise decode tasks take ``decode_batch_size`` rows each,
+    so every core decodes, however few files there are, without a repartition of each file's rows.
     """
+    fused = _FUSED.get(ds)
     return ds.map_batches(
         DecodeBatch(spec.to_dict(), keep=keep, with_key=with_key, max_pixels=_max_pixels(cfg), task=task,
                     backend=cfg.decode.backend),
-        batch_size=cfg.decode_batch_size,
+        batch_size=None if fused is not None else cfg.decode_batch_size,
         batch_format="numpy",
-        num_cpus=decode_cpus(cfg.decode_num_cpus),
+        num_cpus=fused if fused is not None else decode_cpus(cfg.decode_num_cpus),
         concurrency=cfg.decode_concurrency,
         udf_modifying_row_count=False,
     )

@@ -128,11 +128,14 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
 
 
-def normalize(batch, spec: PreprocessSpec | None = None):
+def normalize(batch, spec: PreprocessSpec | None = None, memory_format=None):
     """``uint8 (N, H, W, C)`` numpy array or torch tensor -> ``float32 (N, C, H, W)`` of the same kind.
 
     RGB channels become ``(x / 255 - mean) / std``; channels beyond the third (e.g. a mask) are only
     scaled to ``[0, 1]``. A torch tensor stays on its device, so training normalizes on the GPU.
+    ``memory_format`` (torch only; default ``torch.contiguous_format``): the layout of the result;
+    ``torch.channels_last`` is the input's own pixel order, so the result is computed without a transposing
+    copy (same values).
     """
     spec = spec or PreprocessSpec()
     if batch.ndim != 4:
@@ -151,10 +154,12 @@ def normalize(batch, spec: PreprocessSpec | None = None):
 
         if batch.dtype != torch.uint8:
             raise DataError(f"normalize expects uint8 pixels, got {batch.dtype} (already normalized?)")
+        # the permuted view keeps the NHWC memory order (channels-last strides) through the float conversion
+        # and the in-place affine map; one copy at the end gives another layout
         x = batch.permute(0, 3, 1, 2).to(torch.float32)
-        a_t = torch.as_tensor(a, device=batch.device).view(1, channels, 1, 1)
-        b_t = torch.as_tensor(b, device=batch.device).view(1, channels, 1, 1)
-        return (x * a_t + b_t).contiguous()
+        x.mul_(torch.as_tensor(a, device=batch.device).view(1, channels, 1, 1))
+        x.add_(torch.as_tensor(b, device=batch.device).view(1, channels, 1, 1))
+        return x.contiguous(memory_format=memory_format or torch.contiguous_format)
     batch = np.asarray(batch)
     if batch.dtype != np.uint8:
         raise DataError(f"normalize expects uint8 pixels, got {batch.dtype} (already normalized?)")

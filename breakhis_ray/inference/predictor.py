@@ -282,7 +282,7 @@ class Predictor:
             if "mask" in guided:
                 images = np.concatenate([images, guided["mask"][..., None]], axis=-1)
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        return normalize(x, self.spec).contiguous(memory_format=self.memory_format)
+        return normalize(x, self.spec, memory_format=self.memory_format)
 
     def _explain(self, batch: dict[str, np.ndarray], idx: np.ndarray, classes: np.ndarray, paths: list[str],
                  chunks: np.ndarray, uris: list[str | None]) -> None:
