@@ -32,6 +32,17 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
         start_local_ray(num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1", **kwargs)
 
 
+#: How long an idle Ray worker process may wait for its next task on a node that runs more worker processes than
+#: CPUs before its raylet kills it. Ray's default (1 s) suits whole-CPU tasks. A streaming pipeline with
+#: fractional CPUs runs more processes than cores by design (``infer`` on 2 cores: two decode tasks of 0.75 CPU
+#: beside a 0.5-CPU model actor), so every decode worker that backpressure pauses for a second was killed and a
+#: new one started (about 1.5 s of CPU for its imports) while the run went on: 1280 images took 18.5 s and
+#: 31.5 s of machine CPU at 1 s, 13.4 s and 23.3 s at 10 s (``docs/BENCHMARKS.md``). Ray reads it from the
+#: environment variable :data:`IDLE_WORKER_ENV` where a node starts (``ray_cluster.yaml``, KubeRay) and from
+#: ``_system_config`` for a local instance (:func:`start_local_ray`).
+IDLE_WORKER_KILL_MS = 30_000
+IDLE_WORKER_ENV = "RAY_idle_worker_killing_time_threshold_ms"
+
 #: Ray's message when its raylet did not register with the GCS within a fixed 30 s (``ray._private.node``):
 #: on a machine saturated by other processes this happens without anything being wrong. Ray raises it as a bare
 #: ``Exception``, so its text is the only way to tell it apart; should a Ray release reword it, the start is
@@ -41,8 +52,17 @@ _STARTUP_TIMEOUT = "timed out during startup"
 
 def start_local_ray(attempts: int = 3, **init_kwargs) -> None:
     """``ray.init(address="local", **init_kwargs)``, retried (up to ``attempts`` starts in all) when Ray's fixed
-    30 s node start-up wait runs out, which a busy machine can cause; any other error is raised at once."""
+    30 s node start-up wait runs out, which a busy machine can cause; any other error is raised at once.
+
+    Idle workers are kept :data:`IDLE_WORKER_KILL_MS` (unless ``_system_config`` or the node's environment says
+    otherwise)."""
     import ray
+
+    system_config = dict(init_kwargs.pop("_system_config", None) or {})
+    if IDLE_WORKER_ENV not in os.environ:
+        system_config.setdefault("idle_worker_killing_time_threshold_ms", IDLE_WORKER_KILL_MS)
+    if system_config:
+        init_kwargs["_system_config"] = system_config
 
     for attempt in range(1, attempts + 1):
         try:

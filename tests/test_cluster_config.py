@@ -31,6 +31,7 @@ import ray
 from conftest import skip_or_fail
 from breakhis_ray import config as config_module
 from breakhis_ray.cli import COMMANDS
+from breakhis_ray.ray_utils import IDLE_WORKER_ENV, IDLE_WORKER_KILL_MS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_KUBERAY = REPO.parent / "shared" / "kuberay"
@@ -293,6 +294,19 @@ def test_kuberay_images_match_cluster_yaml_and_installed_ray(name, cluster_raw):
             for container in template["spec"]["containers"]:
                 assert image_version(container["image"]) == (version, py), f"{name}/{group}: {container['image']}"
     assert version.split(".")[:2] == ray.__version__.split(".")[:2]
+
+
+def test_every_node_keeps_idle_workers_as_local_ray_does(cluster):
+    setting = f"{IDLE_WORKER_ENV}={IDLE_WORKER_KILL_MS}"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in cluster[key] if "ray start" in c]
+        assert setting in shlex.split(start.split("ray start")[0].split(";")[-1]), f"{key}: {start}"
+    for name in MANIFESTS:
+        for doc in manifest_docs(name):
+            for group, template in pod_templates(ray_cluster_spec(doc)):
+                for container in template["spec"]["containers"]:
+                    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                    assert env.get(IDLE_WORKER_ENV) == str(IDLE_WORKER_KILL_MS), f"{name}/{group}: {setting}"
 
 
 @pytest.mark.parametrize("name", list(MANIFESTS))
