@@ -41,7 +41,8 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
 #: environment variable :data:`IDLE_WORKER_ENV` where a node starts (``ray_cluster.yaml``, KubeRay) and from
 #: ``_system_config`` for a local instance (:func:`start_local_ray`).
 IDLE_WORKER_KILL_MS = 30_000
-IDLE_WORKER_ENV = "RAY_idle_worker_killing_time_threshold_ms"
+_IDLE_WORKER_KEY = "idle_worker_killing_time_threshold_ms"
+IDLE_WORKER_ENV = f"RAY_{_IDLE_WORKER_KEY}"
 
 #: Ray's message when its raylet did not register with the GCS within a fixed 30 s (``ray._private.node``):
 #: on a machine saturated by other processes this happens without anything being wrong. Ray raises it as a bare
@@ -60,7 +61,7 @@ def start_local_ray(attempts: int = 3, **init_kwargs) -> None:
 
     system_config = dict(init_kwargs.pop("_system_config", None) or {})
     if IDLE_WORKER_ENV not in os.environ:
-        system_config.setdefault("idle_worker_killing_time_threshold_ms", IDLE_WORKER_KILL_MS)
+        system_config.setdefault(_IDLE_WORKER_KEY, IDLE_WORKER_KILL_MS)
     if system_config:
         init_kwargs["_system_config"] = system_config
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
+from conftest import skip_or_fail
 
 # Allocate, touch and free a 64 MiB tensor 20 times after a warm-up (as a CNN's activations are, every batch); print the
 # minor page faults it cost. The probe turns transparent huge pages off for itself first (prctl PR_SET_THP_DISABLE),
@@ -37,7 +37,7 @@ def _faults(mode: str) -> tuple[str, int]:
 
 def test_kept_memory_removes_the_page_faults_of_repeated_large_allocations():
     if not sys.platform.startswith("linux"):
-        pytest.skip("mallopt is glibc's")
+        skip_or_fail("mallopt is glibc's")
     _, default = _faults("default")
     applied, kept = _faults("keep")
     assert applied == "True"

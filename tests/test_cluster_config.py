@@ -418,7 +418,7 @@ def test_ray_job_submit_upload_is_small():
         listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                                  cwd=REPO, capture_output=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        pytest.skip("not a git checkout (or git missing): cannot list the files `ray job submit` would upload")
+        skip_or_fail("not a git checkout (or git missing): cannot list the files `ray job submit` would upload")
     files = [REPO / p for p in listing.decode().split("\0") if p]
     # Ray also honours .gitignore, which `--exclude-standard` applies here; excludes apply to any path prefix.
     def skipped(path: Path) -> bool:  # Ray does not descend into an excluded directory

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import skip_or_fail
+
 from breakhis_ray import storage
 from breakhis_ray.errors import StorageError
 from breakhis_ray.s3local import LocalS3Server, find_weed
@@ -47,7 +49,7 @@ def test_session_server_env_and_uri(s3_server):
 
 def test_binds_loopback_only(s3_server):
     if not Path("/proc/net/tcp").exists():
-        pytest.skip("needs /proc/net/tcp")
+        skip_or_fail("needs /proc/net/tcp")
     loopback_v4 = "0100007F"
     for name, port in s3_server.ports.items():
         for p in (port, port + 10000):

@@ -52,9 +52,8 @@ class BenchInferenceSection(StrictModel):
 
     enabled: bool = True
     n_images: int = Field(default=256, ge=2, description="N of the classifier mode: runs of N and scale x N "
-                          "images; the marginal rate between them is the steady rate, so the runs must differ "
-                          "by many seconds (on 2 cores 64 -> 640 differ by about 4 s and the rate moved "
-                          "117-157 img/s between identical runs; 128 -> 1280 by about 10 s: 108-115)")
+                          "images; the marginal rate between them is the steady rate, so the two runs must "
+                          "differ by many seconds (docs/BENCHMARKS.md, third round)")
     unet_n_images: int | None = Field(default=40, ge=2, description="N of the U-Net + classifier mode and of the "
                                       "explain pass (a batch takes seconds there); null: n_images")
     scale: int = Field(default=10, ge=2)

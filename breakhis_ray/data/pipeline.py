@@ -63,6 +63,7 @@ from breakhis_ray.data.decode import DEFAULT_MAX_PIXELS, ImageRejected, decode_r
 from breakhis_ray.data.transforms import PreprocessSpec, normalize, prepare_uint8
 from breakhis_ray.domain import SUBTYPE_CLASSES
 from breakhis_ray.errors import DataError
+from breakhis_ray.ray_utils import cpu_count
 
 if TYPE_CHECKING:
     import ray.data
@@ -288,13 +289,17 @@ def _filtered(ds, cfg: DataConfig, split: str | None, has_aug: bool):
     return ds.filter(expr=predicate)
 
 
+def _cluster_cpus() -> float | None:
+    """CPUs of the connected Ray cluster; ``None`` before Ray is initialised."""
+    import ray
+
+    return ray.cluster_resources().get("CPU") if ray.is_initialized() else None
+
+
 def decode_cpus(configured: float | None) -> float:
     """CPUs per decode task: ``configured`` when set, else the running Ray cluster's CPUs shared by the one
     rule (:func:`breakhis_ray.data.cpu_share.share_cpus`: a whole core per task on whole-core machines)."""
-    import ray
-
-    free = ray.cluster_resources().get("CPU") if configured is None and ray.is_initialized() else None
-    return decode_task_cpus(configured, free)
+    return decode_task_cpus(configured, _cluster_cpus() if configured is None else None)
 
 
 def fused_decode_cpus(cfg: DataConfig, n_files: int) -> float | None:
@@ -302,12 +307,12 @@ def fused_decode_cpus(cfg: DataConfig, n_files: int) -> float | None:
     separate stage: fewer files than decode tasks fit on the cluster (a fused read would leave cores idle),
     a ``decode_concurrency`` cap or a ``read_num_cpus`` other than the decode tasks' (both keep Ray Data
     from fusing)."""
-    import ray
-
     task_cpus = decode_cpus(cfg.decode_num_cpus)
     if cfg.decode_concurrency is not None or cfg.read_num_cpus not in (None, task_cpus):
         return None
-    cluster = ray.cluster_resources().get("CPU", 0.0) if ray.is_initialized() else float(os.cpu_count() or 1)
+    cluster = _cluster_cpus()
+    if cluster is None:
+        cluster = float(cpu_count())
     slots = max(1, int(cluster // task_cpus))
     return task_cpus if n_files >= slots else None
 
