@@ -68,6 +68,7 @@ def start_local_ray(attempts: int = 3, **init_kwargs) -> None:
     for attempt in range(1, attempts + 1):
         try:
             ray.init(address="local", **init_kwargs)
+            _STARTED_HERE.add(_gcs_address())
             return
         except Exception as exc:  # Ray raises a bare Exception for this one
             if _STARTUP_TIMEOUT not in str(exc) or attempt == attempts:
@@ -75,6 +76,26 @@ def start_local_ray(attempts: int = 3, **init_kwargs) -> None:
             log.warning("local Ray node start timed out (attempt %d of %d, machine busy?); starting again",
                         attempt, attempts)
             ray.shutdown()
+
+
+#: GCS addresses of the local instances :func:`start_local_ray` started in this process.
+_STARTED_HERE: set[str] = set()
+
+
+def _gcs_address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+def fixed_size_cluster() -> bool:
+    """Whether the connected Ray instance is one this process started (:func:`start_local_ray`): a single node
+    that no autoscaler grows, so the CPUs it has at the start are all a pipeline will get. ``False`` for a
+    joined cluster (``address=``, ``RAY_ADDRESS``, ``ray job submit``), which may gain nodes while a job runs,
+    and before Ray is initialised."""
+    import ray
+
+    return ray.is_initialized() and _gcs_address() in _STARTED_HERE
 
 
 def cpu_count() -> int:

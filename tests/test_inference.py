@@ -6,6 +6,8 @@ Tiny random models (``tiny_cnn`` at 32x32, U-Net resnet18 at 64x64) and a dozen 
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import json
 from pathlib import Path
@@ -258,7 +260,49 @@ def test_decode_tasks_are_sized_from_the_cores():
     assert (given.decode_num_cpus, given.decode_tasks, given.sized_from) == (0.5, 3, "config")
 
 
+def test_decode_tasks_are_capped_at_the_plan_only_on_a_fixed_size_cluster():
+    """A Ray instance this process started cannot grow: decode tasks are capped at the planned count. A joined
+    cluster may (autoscaler): no cap, unless the config sets one; an unknown CPU count gives no cap either."""
+    from breakhis_ray.inference.plan import plan_stages
+
+    cfg = load_config(InferConfig, None, [], {"input": "a", "out": "b", "classifier": "c"})
+    assert cfg.decode_concurrency is None
+    for cpus in (2.0, 3.0, 16.0):
+        fixed, joined = plan_stages(cfg, cpus, fixed_size=True), plan_stages(cfg, cpus)
+        assert fixed.decode_concurrency == fixed.decode_tasks == joined.decode_tasks
+        assert joined.decode_concurrency is None
+        assert fixed.as_dict()["decode_concurrency"] == fixed.decode_tasks
+    given = cfg.model_copy(update={"decode_num_cpus": 0.5})
+    assert plan_stages(given, 2.0, fixed_size=True).decode_concurrency == 3
+    assert plan_stages(cfg, None, fixed_size=True).decode_concurrency is None
+    capped = cfg.model_copy(update={"decode_concurrency": 5})
+    assert plan_stages(capped, 2.0).decode_concurrency == 5
+    assert plan_stages(capped, 2.0, fixed_size=True).decode_concurrency == 5
+
+
 # ------------------------------------------------------------------------------------------ ray tier
+@pytest.mark.ray
+def test_a_capped_decode_stage_runs_without_ray_datas_reservation(ray_session, checkpoints, tree, tmp_path):
+    """The session's Ray is one this process started: ``infer`` caps its decode tasks at the plan and turns
+    Ray Data's per-operator reservation off (it held decode below the cap); uncapped, the reservation stays."""
+    from breakhis_ray.inference import build_dataset, plan_inputs, resolve_sizes
+    from breakhis_ray.inference.driver import cluster_stage_plan
+    from breakhis_ray.ray_utils import fixed_size_cluster
+
+    assert fixed_size_cluster()
+    cfg = _cfg(str(tree), str(tmp_path / "out"), checkpoints["classifier"])
+    stages = cluster_stage_plan(cfg)
+    assert stages.decode_concurrency == stages.decode_tasks >= 1
+    plan = plan_inputs(cfg)
+    prep, seg_size = resolve_sizes(cfg.classifier, cfg.segmenter)
+    capped = build_dataset(cfg, plan, range(plan.n_chunks), prep, seg_size, "run", stages)
+    assert capped.context.op_resource_reservation_enabled is False
+    free = dataclasses.replace(stages, decode_concurrency=None)
+    uncapped = build_dataset(cfg, plan, range(plan.n_chunks), prep, seg_size, "run", free)
+    assert uncapped.context.op_resource_reservation_enabled is True
+    assert len(capped.take_all()) == len(plan.paths)  # the capped plan runs and keeps every input
+
+
 @pytest.mark.ray
 def test_decode_is_its_own_stage(ray_session, checkpoints, tree, tmp_path, capsys):
     """CPU decode tasks and the fused segmenter + classifier actors stay separate Ray Data operators."""

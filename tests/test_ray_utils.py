@@ -68,3 +68,43 @@ def test_an_idle_worker_outlives_a_pause_beside_an_actor():
 def test_with_rays_one_second_default_the_same_worker_is_killed():
     # the control: the scenario above does put the node over its worker limit
     assert not _idle_worker_survives(60.0, **{IDLE_WORKER_ENV: "1000"})
+
+
+FIXED_SIZE_DRIVER = r"""
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from breakhis_ray.ray_utils import fixed_size_cluster, start_local_ray
+
+temp_dir = sys.argv[1]
+seen = {"before": fixed_size_cluster()}
+start_local_ray(num_cpus=1, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
+                configure_logging=False)
+seen["started_here"] = fixed_size_cluster()
+ray.shutdown()
+seen["after_shutdown"] = fixed_size_cluster()
+cluster = Cluster(initialize_head=True, connect=False,
+                  head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp_dir})
+try:
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    seen["joined"] = fixed_size_cluster()
+    ray.shutdown()
+finally:
+    cluster.shutdown()
+print(json.dumps(seen))
+"""
+
+
+def test_only_an_instance_this_process_started_counts_as_fixed_size():
+    """``infer`` caps its decode tasks only where the cluster cannot grow: a local instance this process started,
+    not a cluster it joined (which an autoscaler may grow), nor after that instance has shut down."""
+    tag, temp_dir = new_tag(), tempfile.mkdtemp(prefix="brtest-ray-")
+    try:
+        proc = subprocess.run([sys.executable, "-c", FIXED_SIZE_DRIVER, temp_dir], cwd=REPO,
+                              env=cluster_env(tag), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        stop_tagged(tag, cmdline_marker=temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert seen == {"before": False, "started_here": True, "after_shutdown": False, "joined": False}

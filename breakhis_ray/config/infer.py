@@ -65,7 +65,10 @@ class InferConfig(StrictModel):
                                           "from the cluster's cores, the CPUs the model actors leave split into "
                                           "ceil(free) tasks (2 cores, one 0.5-CPU actor: 2 tasks of 0.75; "
                                           "breakhis_ray.inference.plan.plan_stages)")
-    decode_concurrency: int | None = Field(default=None, ge=1, description="max concurrent decode tasks")
+    decode_concurrency: int | None = Field(default=None, ge=1, description="max concurrent decode tasks; null: "
+                                            "the planned task count on a local Ray this process starts (a "
+                                            "fixed size), no cap on a joined cluster (an autoscaler may add "
+                                            "nodes); plan_stages")
     decode_max_calls: int = Field(default=1000, ge=0, description="decode tasks per worker process before it "
                                   "is recycled; 0 = never (Ray may then fuse decoding into the model actors "
                                   "when both ask for the same resources)")

@@ -36,10 +36,13 @@ log = logging.getLogger(__name__)
 
 
 def cluster_stage_plan(cfg: InferConfig) -> StagePlan:
-    """:func:`~breakhis_ray.inference.plan.plan_stages` with the CPUs of the connected Ray cluster."""
+    """:func:`~breakhis_ray.inference.plan.plan_stages` with the CPUs of the connected Ray cluster (and whether
+    this process started it: :func:`~breakhis_ray.ray_utils.fixed_size_cluster`)."""
     import ray
 
-    return plan_stages(cfg, ray.cluster_resources().get("CPU"))
+    from breakhis_ray.ray_utils import fixed_size_cluster
+
+    return plan_stages(cfg, ray.cluster_resources().get("CPU"), fixed_size_cluster())
 
 
 def _predictor_kwargs(cfg: InferConfig, segment_size, run_id: str, torch_threads: int) -> dict:
@@ -64,7 +67,9 @@ def _predictor_kwargs(cfg: InferConfig, segment_size, run_id: str, torch_threads
 def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], preprocessing: dict,
                   segment_size, run_id: str, stages: StagePlan | None = None):
     """The Ray Data pipeline for ``chunks``: work units -> CPU decode tasks -> Predictor actors
-    (``stages``: decode-task CPUs; default :func:`cluster_stage_plan`)."""
+    (``stages``: decode-task CPUs and cap; default :func:`cluster_stage_plan`). With a cap on the decode
+    tasks, Ray Data's per-operator resource reservation is off for this dataset: it budgeted the decode
+    operator one 0.75-CPU task of the two planned on 2 cores (docs/BENCHMARKS.md)."""
     import ray.data
 
     stages = stages or cluster_stage_plan(cfg)
@@ -77,8 +82,8 @@ def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], prep
     decode_remote: dict[str, Any] = {"num_cpus": stages.decode_num_cpus}
     if cfg.decode_max_calls:
         decode_remote["max_calls"] = cfg.decode_max_calls
-    if cfg.decode_concurrency:
-        decode_remote["compute"] = ray.data.TaskPoolStrategy(size=cfg.decode_concurrency)
+    if stages.decode_concurrency:
+        decode_remote["compute"] = ray.data.TaskPoolStrategy(size=stages.decode_concurrency)
     if plan.mode == "shards":
         ds = ray.data.from_arrow(units, override_num_blocks=max(1, min(len(units), 4096)))
         ds = ds.map_batches(read_and_decode_shards, batch_size=1, batch_format="numpy",
@@ -88,7 +93,7 @@ def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], prep
         ds = ray.data.from_arrow(units, override_num_blocks=blocks)
         ds = ds.map_batches(read_and_decode, batch_size=cfg.decode_batch_size, batch_format="numpy",
                             fn_kwargs={**decode_kwargs, "io_threads": cfg.io_threads}, **decode_remote)
-    return ds.map_batches(
+    ds = ds.map_batches(
         Predictor,
         batch_size=cfg.batch_size,
         batch_format="numpy",
@@ -99,6 +104,10 @@ def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], prep
         # model processes keep freed memory (breakhis_ray.allocator): no page faults on every batch
         runtime_env={"env_vars": dict(MODEL_PROCESS_ENV)},
     )
+    if stages.decode_concurrency:
+        # the cap bounds the decode tasks; Ray Data's per-operator reservation would hold them below it
+        ds.context.op_resource_reservation_enabled = False
+    return ds
 
 
 def run_infer(cfg: InferConfig) -> dict:
@@ -122,8 +131,9 @@ def run_infer(cfg: InferConfig) -> dict:
 
         ensure_ray(cfg.ray)
         stages = cluster_stage_plan(cfg)
-        log.info("infer: decode tasks at %s CPU (%d beside the model actors' %s CPU, sized from %s)",
-                 stages.decode_num_cpus, stages.decode_tasks, stages.model_cpus, stages.sized_from)
+        log.info("infer: decode tasks at %s CPU (%d beside the model actors' %s CPU, sized from %s; at most %s "
+                 "at once)", stages.decode_num_cpus, stages.decode_tasks, stages.model_cpus, stages.sized_from,
+                 stages.decode_concurrency or "what Ray Data's budget allows")
         ds = build_dataset(cfg, plan, pending, preprocessing, segment_size, run_id, stages)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.add(batch)

@@ -195,7 +195,8 @@ class StagePlan:
 
     ``decode_num_cpus``: the reservation of one decode task; ``decode_tasks``: how many run at once beside the
     actors; ``model_cpus``: what the actors reserve; ``torch_threads``: per actor; ``sized_from``: ``config``
-    (``decode_num_cpus`` given) or ``cores`` (derived from ``cluster_cpus``) or ``fallback``.
+    (``decode_num_cpus`` given) or ``cores`` (derived from ``cluster_cpus``) or ``fallback``;
+    ``decode_concurrency``: the cap on concurrent decode tasks (``None``: Ray Data's resource budget decides).
     """
 
     decode_num_cpus: float
@@ -204,15 +205,19 @@ class StagePlan:
     torch_threads: int
     cluster_cpus: float | None
     sized_from: str
+    decode_concurrency: int | None = None
 
     def as_dict(self) -> dict:
         return {"decode_num_cpus": self.decode_num_cpus, "decode_tasks": self.decode_tasks,
                 "model_cpus": self.model_cpus, "torch_threads": self.torch_threads,
-                "cluster_cpus": self.cluster_cpus, "sized_from": self.sized_from}
+                "cluster_cpus": self.cluster_cpus, "sized_from": self.sized_from,
+                "decode_concurrency": self.decode_concurrency}
 
 
-def plan_stages(cfg: InferConfig, cluster_cpus: float | None) -> StagePlan:
-    """Decode-task CPUs from the cluster's CPUs and what the model actors reserve.
+def plan_stages(cfg: InferConfig, cluster_cpus: float | None, fixed_size: bool = False) -> StagePlan:
+    """Decode-task CPUs from the cluster's CPUs and what the model actors reserve; on a ``fixed_size``
+    cluster (one this process started, :func:`breakhis_ray.ray_utils.fixed_size_cluster`) also the cap on
+    concurrent decode tasks.
 
     With ``cfg.decode_num_cpus`` null, the CPUs the actors leave (``cluster_cpus - concurrency x num_cpus``)
     are shared by :func:`breakhis_ray.data.cpu_share.share_cpus` (the rule of every decode stage):
@@ -222,13 +227,23 @@ def plan_stages(cfg: InferConfig, cluster_cpus: float | None) -> StagePlan:
     decoders beside the actor's thread, which then gets half a core (docs/BENCHMARKS.md). With less than
     :data:`~breakhis_ray.data.cpu_share.MIN_DECODE_CPUS` left, or the CPU count unknown, tasks take
     :data:`~breakhis_ray.data.cpu_share.FALLBACK_DECODE_CPUS`.
+
+    The cap: ``cfg.decode_concurrency`` when set; else, on a fixed-size cluster with a known CPU count, the
+    planned ``decode_tasks``. Without a cap Ray Data's resource budget decides how many decode tasks run, and
+    over long passes it ran one of the two planned on 2 cores (0.37x of the raw forward over 2560 images); with
+    the cap the driver also turns that budget off (:func:`breakhis_ray.inference.driver.build_dataset`) and
+    both run (docs/BENCHMARKS.md). A joined cluster gets no automatic cap: an autoscaler may add nodes, and a
+    cap counted from the CPUs at the start would keep decoding off them.
     """
     model_cpus = cfg.concurrency * cfg.num_cpus
     threads = cfg.torch_threads or max(1, round(cfg.num_cpus))
     if cfg.decode_num_cpus is not None:
-        tasks = int((cluster_cpus - model_cpus) // cfg.decode_num_cpus) if cluster_cpus else 1
-        return StagePlan(cfg.decode_num_cpus, max(1, tasks), model_cpus, threads, cluster_cpus, "config")
-    share = share_cpus((cluster_cpus or 0.0) - model_cpus) if cluster_cpus else None
-    if share is None:
-        return StagePlan(FALLBACK_DECODE_CPUS, 1, model_cpus, threads, cluster_cpus, "fallback")
-    return StagePlan(share[0], share[1], model_cpus, threads, cluster_cpus, "cores")
+        tasks = max(1, int((cluster_cpus - model_cpus) // cfg.decode_num_cpus) if cluster_cpus else 1)
+        cpus, sized_from = cfg.decode_num_cpus, "config"
+    else:
+        share = share_cpus((cluster_cpus or 0.0) - model_cpus) if cluster_cpus else None
+        cpus, tasks, sized_from = (FALLBACK_DECODE_CPUS, 1, "fallback") if share is None else (*share, "cores")
+    cap = cfg.decode_concurrency
+    if cap is None and fixed_size and cluster_cpus:
+        cap = tasks
+    return StagePlan(cpus, tasks, model_cpus, threads, cluster_cpus, sized_from, cap)
