@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from breakhis_ray.config import DataConfig
-from breakhis_ray.data import pipeline
+from breakhis_ray.data import pipeline, read
 from breakhis_ray.data.transforms import normalize
 from breakhis_ray.errors import DataError
 
@@ -229,13 +229,13 @@ def test_one_shard_file_is_read_as_blocks_of_about_decode_batch_size_without_rep
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp_path / "shards" / "part-00000.parquet")
     before = DataContext.get_current().target_max_block_size
     bars_before = DataContext.get_current().enable_progress_bars
-    env_before = os.environ.get(pipeline._FOOTER_READERS_ENV)
-    v2_before = getattr(DataContext.get_current(), pipeline._PARQUET_V2_FLAG, None)
+    env_before = os.environ.get(read._FOOTER_READERS_ENV)
+    v2_before = getattr(DataContext.get_current(), read._PARQUET_V2_FLAG, None)
     cfg = _cfg(str(tmp_path), decode_batch_size=2)
     ds = pipeline.decode_stage(cfg, pipeline.read_split(cfg, None), PreprocessSpec(size=(SIZE, SIZE)), keep=["path"])
     assert DataContext.get_current().target_max_block_size == before
-    assert os.environ.get(pipeline._FOOTER_READERS_ENV) == env_before
-    assert getattr(DataContext.get_current(), pipeline._PARQUET_V2_FLAG, None) == v2_before
+    assert os.environ.get(read._FOOTER_READERS_ENV) == env_before
+    assert getattr(DataContext.get_current(), read._PARQUET_V2_FLAG, None) == v2_before
     assert DataContext.get_current().enable_progress_bars == bars_before
     assert ds.context.enable_progress_bars == bars_before
     done = ds.materialize()

@@ -35,7 +35,7 @@ images) prepared twice with :func:`breakhis_ray.data.shards.run_prepare` (``sour
 smooth random PNGs and shards written here (``source="random"``, faster to make). Either way the N images
 lie in :func:`shard_rows`-sized shard files, four per core: the layout the whole BreakHis (7,909 images,
 8 shards of ``prepare``'s default 1,000) has on a 2-core machine, so the pipeline reads and decodes with
-the parallelism it has on the real dataset (:func:`breakhis_ray.data.pipeline.fused_decode_cpus`) rather
+the parallelism it has on the real dataset (:func:`breakhis_ray.data.read.fused_decode_cpus`) rather
 than that of one small file.
 
 Sizes come from :class:`~breakhis_ray.config.BenchIngestSection` (``breakhis-ray bench ingest.n_images=...``;
