@@ -89,6 +89,11 @@ def test_tiny_bench_run_writes_the_json_contract_and_a_profile(ray_session, tmp_
         value = saved[section][key]
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (section, key, value)
     assert all(v > 0 and math.isfinite(v) for v in saved["ingest"]["images_per_s"].values())
+    for mode in ("classifier", "unet_classifier"):  # two rounds of N and 2N; the fastest round's runs count
+        entry = saved["inference"][mode]
+        assert len(entry["marginal_images_per_s_rounds"]) == saved["inference"]["repeats"] == 2
+        assert entry["marginal_images_per_s"] == max(m or 0.0 for m in entry["marginal_images_per_s_rounds"]) or (
+            entry["marginal_images_per_s"] is None and not any(entry["marginal_images_per_s_rounds"]))
     explain = saved["inference"]["explain"]  # the cost of --explain gradcam, with and without
     assert explain["method"] == "gradcam" and explain["pipeline_explain"]["images"] == 8
     assert all(explain[k] > 0 for k in ("raw_ratio", "pipeline_ratio", "raw_predictor_explain_images_per_s"))

@@ -121,7 +121,8 @@ def _inference_rows(r: dict, targets: dict) -> list[str]:
              f"actor(s) x {actor['num_cpus']} CPU, {actor['num_gpus']} GPU, {actor['torch_threads']} torch thread(s); "
              f"decode tasks {r['decode_num_cpus']} CPU x {r.get('stages', {}).get('decode_tasks', '?')}; "
              f"classifier N={r['n_images']}, {r['scale']}N={r['n_images'] * r['scale']}; U-Net + classifier "
-             f"N={r.get('unet_n_images', r['n_images'])}"]
+             f"N={r.get('unet_n_images', r['n_images'])}; steady = marginal rate N -> {r['scale']}N, best of "
+             f"{r.get('repeats', 1)}"]
     for mode, label in (("classifier", "classifier"), ("unet_classifier", "U-Net + classifier")):
         e = r[mode]
         lines.append(_row(targets, f"{label}: pipeline vs {e['raw_kind'].replace('_', ' ')}",

@@ -74,6 +74,8 @@ class BenchInferenceSection(StrictModel):
                           "classifier pipeline pass at scale x N for Ray Data's per-operator statistics")
     explain: bool = Field(default=True, description="also measure the classifier with --explain gradcam (raw "
                           "Predictor and pipeline at scale x N): img/s with and without, and their ratio")
+    repeats: int = Field(default=2, ge=1, description="rounds of the N and scale x N pipeline runs per mode; the "
+                         "round with the highest marginal rate counts (as ingest's fastest pass)")
 
     _image_size = field_validator("image_size", mode="before")(lambda cls, v: parse_hw(v))
 
