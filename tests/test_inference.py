@@ -282,7 +282,7 @@ def test_decode_tasks_are_capped_at_the_plan_only_on_a_fixed_size_cluster():
 
 # ------------------------------------------------------------------------------------------ ray tier
 @pytest.mark.ray
-def test_a_capped_decode_stage_runs_without_ray_datas_reservation(ray_session, checkpoints, tree, tmp_path):
+def test_a_capped_decode_stage_runs_without_ray_datas_reservation_and_actors_queue_batches(ray_session, checkpoints, tree, tmp_path):
     """The session's Ray is one this process started: ``infer`` caps its decode tasks at the plan and turns
     Ray Data's per-operator reservation off (it held decode below the cap); uncapped, the reservation stays."""
     from breakhis_ray.inference import build_dataset, plan_inputs, resolve_sizes
@@ -300,6 +300,8 @@ def test_a_capped_decode_stage_runs_without_ray_datas_reservation(ray_session, c
     free = dataclasses.replace(stages, decode_concurrency=None)
     uncapped = build_dataset(cfg, plan, range(plan.n_chunks), prep, seg_size, "run", free)
     assert uncapped.context.op_resource_reservation_enabled is True
+    model_op = capped._logical_plan.dag  # the Predictor stage: batches queued per actor as configured
+    assert model_op.compute.max_tasks_in_flight_per_actor == cfg.max_tasks_in_flight_per_actor == 8
     assert len(capped.take_all()) == len(plan.paths)  # the capped plan runs and keeps every input
 
 

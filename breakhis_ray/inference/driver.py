@@ -10,7 +10,8 @@
    ``prepare`` and training use, with its ``max_pixels`` guard) and prepare the model inputs. A bad input
    becomes an error row; nothing raises.
 3. **Model stage** (:class:`~breakhis_ray.inference.predictor.Predictor` actors: ``batch_size``,
-   ``concurrency``, ``num_cpus``, ``num_gpus``): segmenter and classifier loaded once per actor, fused.
+   ``concurrency``, ``num_cpus``, ``num_gpus``, up to ``max_tasks_in_flight_per_actor`` batches queued at each):
+   segmenter and classifier loaded once per actor, fused.
 4. **Output** (driver, :mod:`~breakhis_ray.inference.writer`): one atomic Parquet part per complete chunk;
    a re-run processes only the missing chunks.
 """
@@ -98,7 +99,9 @@ def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], prep
         batch_size=cfg.batch_size,
         batch_format="numpy",
         fn_constructor_kwargs=_predictor_kwargs(cfg, segment_size, run_id, stages.torch_threads),
-        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        # batches queued at each actor: it starts the next one without waiting for the driver to dispatch it
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency,
+                                           max_tasks_in_flight_per_actor=cfg.max_tasks_in_flight_per_actor),
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus or None,
         # model processes keep freed memory (breakhis_ray.allocator): no page faults on every batch
