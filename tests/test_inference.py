@@ -282,7 +282,8 @@ def test_decode_tasks_are_capped_at_the_plan_only_on_a_fixed_size_cluster():
 
 # ------------------------------------------------------------------------------------------ ray tier
 @pytest.mark.ray
-def test_a_capped_decode_stage_runs_without_ray_datas_reservation_and_actors_queue_batches(ray_session, checkpoints, tree, tmp_path):
+def test_a_capped_decode_stage_runs_without_ray_datas_reservation_and_actors_queue_batches(
+        ray_session, checkpoints, tree, tmp_path):
     """The session's Ray is one this process started: ``infer`` caps its decode tasks at the plan and turns
     Ray Data's per-operator reservation off (it held decode below the cap); uncapped, the reservation stays."""
     from breakhis_ray.inference import build_dataset, plan_inputs, resolve_sizes

@@ -89,8 +89,8 @@ class InferConfig(StrictModel):
                                            "inside a batch (null: 4 on CPU, where small batches stay in cache "
                                            "and run faster per image; the whole batch on GPU)")
     max_tasks_in_flight_per_actor: int = Field(default=8, ge=1, description="batches queued at each Predictor "
-                                               "actor (Ray Data's default, 2, left the actor idle a third of the "
-                                               "time while the driver dispatched its next batch; docs/BENCHMARKS.md)")
+                                               "actor, so it starts the next without waiting for the driver "
+                                               "(Ray Data's default: 2; docs/BENCHMARKS.md, fourth round)")
     run_id: str | None = Field(default=None, description="null: a fresh id per run")
     explain: ExplainSection = Field(default_factory=ExplainSection, description="Grad-CAM heatmaps per "
                                     "prediction (--explain gradcam|gradcam++)")

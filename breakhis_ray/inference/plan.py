@@ -230,10 +230,10 @@ def plan_stages(cfg: InferConfig, cluster_cpus: float | None, fixed_size: bool =
 
     The cap: ``cfg.decode_concurrency`` when set; else, on a fixed-size cluster with a known CPU count, the
     planned ``decode_tasks``. Without a cap Ray Data's resource budget decides how many decode tasks run, and
-    over long passes it ran one of the two planned on 2 cores (0.37x of the raw forward over 2560 images); with
-    the cap the driver also turns that budget off (:func:`breakhis_ray.inference.driver.build_dataset`) and
-    both run (docs/BENCHMARKS.md). A joined cluster gets no automatic cap: an autoscaler may add nodes, and a
-    cap counted from the CPUs at the start would keep decoding off them.
+    over long passes it ran one of the two planned on 2 cores; with the cap the driver also turns that budget
+    off (:func:`breakhis_ray.inference.driver.build_dataset`) and both run (docs/BENCHMARKS.md, fourth round).
+    A joined cluster gets no automatic cap: an autoscaler may add nodes, and a cap counted from the CPUs at the
+    start would keep decoding off them.
     """
     model_cpus = cfg.concurrency * cfg.num_cpus
     threads = cfg.torch_threads or max(1, round(cfg.num_cpus))
