@@ -51,6 +51,10 @@ IDLE_WORKER_ENV = f"RAY_{_IDLE_WORKER_KEY}"
 _STARTUP_TIMEOUT = "timed out during startup"
 
 
+#: GCS addresses of the local instances :func:`start_local_ray` started in this process.
+_STARTED_HERE: set[str] = set()
+
+
 def start_local_ray(attempts: int = 3, **init_kwargs) -> None:
     """``ray.init(address="local", **init_kwargs)``, retried (up to ``attempts`` starts in all) when Ray's fixed
     30 s node start-up wait runs out, which a busy machine can cause; any other error is raised at once.
@@ -76,10 +80,6 @@ def start_local_ray(attempts: int = 3, **init_kwargs) -> None:
             log.warning("local Ray node start timed out (attempt %d of %d, machine busy?); starting again",
                         attempt, attempts)
             ray.shutdown()
-
-
-#: GCS addresses of the local instances :func:`start_local_ray` started in this process.
-_STARTED_HERE: set[str] = set()
 
 
 def _gcs_address() -> str:
