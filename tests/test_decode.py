@@ -314,6 +314,25 @@ def test_every_backend_gives_pils_pixels_or_declines(backend):
     assert used >= 5
 
 
+@pytest.mark.parametrize("backend", decode.FAST_BACKENDS)
+def test_every_backend_decodes_from_many_threads_at_once(backend):
+    """The I/O threads of ``infer`` and training decode at the same time: each thread gets its own image's
+    pixels (a decoder object shared between threads would mix them up or fail)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if backend not in decode.available_backends():
+        from conftest import skip_or_fail
+
+        skip_or_fail(f"decode backend {backend} is not installed (pip install {decode.BACKEND_PACKAGES[backend]})")
+    rng = np.random.default_rng(11)
+    images = [rng.integers(0, 256, (40 + i, 60 + 3 * i, 3), dtype=np.uint8) for i in range(24)]
+    blobs = [_encode(Image.fromarray(img)) for img in images]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(lambda data: decode._decode_png_fast(data, backend), blobs * 4))
+    for i, pixels in enumerate(got):
+        np.testing.assert_array_equal(pixels, images[i % len(images)], err_msg=f"{backend} image {i}")
+
+
 def test_backend_choice_config_and_environment(monkeypatch):
     from breakhis_ray.config import DecodeSection, InferConfig, PrepareConfig
     from breakhis_ray.config.common import DECODE_BACKENDS

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from breakhis_ray.config.base import StrictModel, parse_hw, wh_size
-from breakhis_ray.config.common import RayConfig
+from breakhis_ray.config.common import DECODE_BACKENDS, RayConfig
 
 
 class BenchIngestSection(StrictModel):
@@ -24,7 +24,7 @@ class BenchIngestSection(StrictModel):
     decode_num_cpus: float | None = Field(default=None, gt=0.0, description="as DataConfig.decode_num_cpus "
                                           "(null: the one rule, a whole core per task here)")
     decode_batch_size: int = Field(default=32, ge=1, description="as DataConfig (what training uses)")
-    backend: Literal["auto", "pil", "imagecodecs", "opencv"] = Field(
+    backend: Literal[DECODE_BACKENDS] = Field(
         default="auto", description="decoder of the Ray Data side and of dataloader_fast (as decode.backend)")
     repeats: int = Field(default=2, ge=1, description="rounds of every pass; the fastest pass counts")
 

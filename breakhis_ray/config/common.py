@@ -13,7 +13,7 @@ from breakhis_ray.config.base import StrictModel
 #: ``infer`` alike. The decoder may import it from here (config sits below ``breakhis_ray.data``).
 DEFAULT_MAX_PIXELS = 64_000_000
 #: PNG decoder backends of :mod:`breakhis_ray.data.decode` (``auto``: the fastest installed, else PIL).
-DECODE_BACKENDS = ("auto", "pil", "imagecodecs", "opencv")
+DECODE_BACKENDS = ("auto", "pil", "wuffs", "imagecodecs", "opencv")
 
 
 class RayConfig(StrictModel):
@@ -31,10 +31,10 @@ class DecodeSection(StrictModel):
 
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1, description="decompression-bomb guard: larger "
                             "images (width*height, read from the header before decoding) are rejected")
-    backend: Literal["auto", "pil", "imagecodecs", "opencv"] = Field(
+    backend: Literal[DECODE_BACKENDS] = Field(
         default="auto", description="decoder of 8-bit RGB PNGs (every other image goes through PIL); the pixels "
         "are identical whichever decodes. auto: $BREAKHIS_DECODE_BACKEND if set, else the fastest installed "
-        "(imagecodecs, opencv), else pil")
+        "(wuffs, imagecodecs, opencv), else pil")
 
 
 def lift_max_pixels(data: object) -> object:

@@ -38,7 +38,9 @@ Conversions (recorded as ``converted_from`` by ``prepare``; ``None`` for 8-bit R
 PNG backends
 ------------
 8-bit RGB PNGs (every BreakHis image) whose header passed the size guard go to a faster decoder when one is
-installed: ``imagecodecs`` (its libspng, CRC and Adler-32 checked) or ``opencv`` (``cv2.imdecode``, libpng);
+installed: ``wuffs`` (``pywuffs``, Google's Wuffs PNG decoder, with the chunk CRC and Adler-32 checks that
+pywuffs leaves off by default switched on; PNGs with a ``tRNS`` colour key go to PIL, as Wuffs composites
+it), ``imagecodecs`` (its libspng, CRC and Adler-32 checked) or ``opencv`` (``cv2.imdecode``, libpng);
 everything else, and any image a backend declines or fails on, goes through PIL, which then decides the
 rejection, so the vocabulary stays the same whichever backend decoded. (``pyspng`` was measured too and left
 out: it turns libspng's checksum checks off, so it returns altered pixels for PNGs whose data PIL rejects
@@ -200,11 +202,52 @@ def image_size(source: bytes | BinaryIO) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------ PNG backends
 #: Fast PNG backends, in the order ``auto`` tries them: fastest first, as measured on synthetic 700x460
 #: BreakHis PNGs (per-core rates in ``docs/BENCHMARKS.md``; ``breakhis-ray bench`` reports them again).
-FAST_BACKENDS = ("imagecodecs", "opencv")
+FAST_BACKENDS = ("wuffs", "imagecodecs", "opencv")
 #: Where ``pip`` finds each backend.
-BACKEND_PACKAGES = {"imagecodecs": "imagecodecs", "opencv": "opencv-python-headless"}
+BACKEND_PACKAGES = {"wuffs": "pywuffs", "imagecodecs": "imagecodecs", "opencv": "opencv-python-headless"}
 #: Environment variable that picks the backend where a stage's config says ``auto`` (``pil`` forces PIL).
 BACKEND_ENV = "BREAKHIS_DECODE_BACKEND"
+
+
+def _has_chunk_before_idat(data: bytes, kind: bytes) -> bool:
+    """Whether a PNG chunk of type ``kind`` comes before the first IDAT (reads chunk headers only)."""
+    pos = len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, found = struct.unpack_from(">I4s", data, pos)
+        if found == kind:
+            return True
+        if found == b"IDAT":
+            return False
+        pos += 12 + length
+    return False
+
+
+def _wuffs() -> Callable[[bytes], np.ndarray | None]:
+    import threading
+
+    from pywuffs import ImageDecoderQuirks, ImageDecoderType, PixelFormat
+    from pywuffs.aux import ImageDecoder, ImageDecoderConfig
+
+    config = ImageDecoderConfig()
+    config.enabled_decoders = [ImageDecoderType.PNG]
+    config.pixel_format = PixelFormat.RGB
+    # pywuffs switches the PNG checksums off by default; on here, so damaged data fails and PIL decides.
+    config.quirks = {ImageDecoderQuirks.IGNORE_CHECKSUM: 0}
+    local = threading.local()  # a decoder keeps per-call state: one per thread (I/O threads decode at once)
+
+    def load(data: bytes) -> np.ndarray | None:
+        # Wuffs composites a tRNS colour key (PIL keeps those pixels as stored): leave such files to PIL.
+        if _has_chunk_before_idat(data, b"tRNS"):
+            return None
+        decoder = getattr(local, "decoder", None)
+        if decoder is None:
+            decoder = local.decoder = ImageDecoder(config)
+        result = decoder.decode(data)
+        if result.error_message:
+            raise ValueError(result.error_message)
+        return result.pixbuf
+
+    return load
 
 
 def _imagecodecs() -> Callable[[bytes], np.ndarray]:
@@ -228,7 +271,7 @@ def _opencv() -> Callable[[bytes], np.ndarray]:
     return load
 
 
-_LOADERS = {"imagecodecs": _imagecodecs, "opencv": _opencv}
+_LOADERS = {"wuffs": _wuffs, "imagecodecs": _imagecodecs, "opencv": _opencv}
 
 
 @functools.lru_cache(maxsize=None)
