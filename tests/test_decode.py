@@ -250,10 +250,20 @@ def _stored_png(rgb: np.ndarray, damage: str) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", bytes(stream)) + _chunk(b"IEND", b"")
 
 
+def _apng(default_image: bool) -> bytes:
+    """An animated 8-bit RGB PNG of three frames; ``default_image``: its IDAT image is not an animation frame."""
+    rng = np.random.default_rng(13)
+    frames = [Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)) for _ in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="PNG", save_all=True, append_images=frames[1:], default_image=default_image,
+                   duration=100)
+    return buf.getvalue()
+
+
 def backend_corpus() -> dict[str, bytes]:
     """Every kind of PNG a backend could get wrong (besides :func:`corpus`): interlaced, colour-key
-    transparency, EXIF orientation, gamma, damaged data (with and without valid chunk CRCs), larger images
-    with several IDAT chunks."""
+    transparency, animation, EXIF orientation, gamma, damaged data (with and without valid chunk CRCs), larger
+    images with several IDAT chunks."""
     rgb = _rgb(5)
     good = _encode(Image.fromarray(rgb))
     exif = Image.Exif()
@@ -265,6 +275,8 @@ def backend_corpus() -> dict[str, bytes]:
     items.update({
         "adam7.png": _adam7_png(rgb),
         "rgb_trns.png": _encode(Image.fromarray(rgb), transparency=tuple(int(v) for v in rgb[0, 0])),
+        "apng.png": _apng(default_image=False),
+        "apng_default_image.png": _apng(default_image=True),
         "rgb_exif_rotated.png": _encode(Image.fromarray(rgb), exif=exif),
         "rgb_gamma.png": _with_chunk(good, b"gAMA", struct.pack(">I", 45455)),
         "rgb_srgb_iccp.png": _with_chunk(good, b"sRGB", b"\x00"),

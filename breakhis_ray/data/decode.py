@@ -39,9 +39,9 @@ PNG backends
 ------------
 8-bit RGB PNGs (every BreakHis image) whose header passed the size guard go to a faster decoder when one is
 installed: ``wuffs`` (``pywuffs``, Google's Wuffs PNG decoder, with the chunk CRC and Adler-32 checks that
-pywuffs leaves off by default switched on; PNGs with a ``tRNS`` colour key go to PIL, as Wuffs composites
-it), ``imagecodecs`` (its libspng, CRC and Adler-32 checked) or ``opencv`` (``cv2.imdecode``, libpng);
-everything else, and any image a backend declines or fails on, goes through PIL, which then decides the
+pywuffs leaves off by default switched on), ``imagecodecs`` (its libspng, CRC and Adler-32 checked) or
+``opencv`` (``cv2.imdecode``, libpng); PNGs with a ``tRNS`` colour key or an animation (``acTL``), everything
+else, and any image a backend declines or fails on, go through PIL, which then decides the
 rejection, so the vocabulary stays the same whichever backend decoded. (``pyspng`` was measured too and left
 out: it turns libspng's checksum checks off, so it returns altered pixels for PNGs whose data PIL rejects
 as corrupt.) A backend returns the
@@ -209,12 +209,18 @@ BACKEND_PACKAGES = {"wuffs": "pywuffs", "imagecodecs": "imagecodecs", "opencv": 
 BACKEND_ENV = "BREAKHIS_DECODE_BACKEND"
 
 
-def _has_chunk_before_idat(data: bytes, kind: bytes) -> bool:
-    """Whether a PNG chunk of type ``kind`` comes before the first IDAT (reads chunk headers only)."""
+#: PNG chunks that send a file to PIL whatever the backend: a ``tRNS`` colour key (Wuffs composites it, PIL
+#: keeps the stored pixels) and ``acTL``, an animation (Wuffs and OpenCV may return another frame than PIL's).
+_PIL_ONLY_CHUNKS = (b"tRNS", b"acTL")
+
+
+def _has_chunk_before_idat(data: bytes, kinds: Sequence[bytes]) -> bool:
+    """Whether a PNG chunk of one of the types ``kinds`` comes before the first IDAT (reads chunk headers
+    only)."""
     pos = len(PNG_SIGNATURE)
     while pos + 8 <= len(data):
         length, found = struct.unpack_from(">I4s", data, pos)
-        if found == kind:
+        if found in kinds:
             return True
         if found == b"IDAT":
             return False
@@ -222,7 +228,7 @@ def _has_chunk_before_idat(data: bytes, kind: bytes) -> bool:
     return False
 
 
-def _wuffs() -> Callable[[bytes], np.ndarray | None]:
+def _wuffs() -> Callable[[bytes], np.ndarray]:
     import threading
 
     from pywuffs import ImageDecoderQuirks, ImageDecoderType, PixelFormat
@@ -235,10 +241,7 @@ def _wuffs() -> Callable[[bytes], np.ndarray | None]:
     config.quirks = {ImageDecoderQuirks.IGNORE_CHECKSUM: 0}
     local = threading.local()  # a decoder keeps per-call state: one per thread (I/O threads decode at once)
 
-    def load(data: bytes) -> np.ndarray | None:
-        # Wuffs composites a tRNS colour key (PIL keeps those pixels as stored): leave such files to PIL.
-        if _has_chunk_before_idat(data, b"tRNS"):
-            return None
+    def load(data: bytes) -> np.ndarray:
         decoder = getattr(local, "decoder", None)
         if decoder is None:
             decoder = local.decoder = ImageDecoder(config)
@@ -315,7 +318,7 @@ def _decode_png_fast(data: bytes, backend: str) -> np.ndarray | None:
     """uint8 ``(H, W, 3)`` of an 8-bit RGB PNG from ``backend``, or ``None`` to let PIL decode (any other PNG,
     ``pil``, or output that is not 8-bit RGB). May raise; PIL then decodes the same bytes and decides.
     Called only after the header passed the ``max_pixels`` guard."""
-    if backend == "pil" or not _is_png_rgb8(data):
+    if backend == "pil" or not _is_png_rgb8(data) or _has_chunk_before_idat(data, _PIL_ONLY_CHUNKS):
         return None
     function = _backend_function(backend)
     out = function(data) if function is not None else None
