@@ -94,6 +94,11 @@ def test_tiny_bench_run_writes_the_json_contract_and_a_profile(ray_session, tmp_
         assert len(entry["marginal_images_per_s_rounds"]) == saved["inference"]["repeats"] == 2
         assert entry["marginal_images_per_s"] == max(m or 0.0 for m in entry["marginal_images_per_s_rounds"]) or (
             entry["marginal_images_per_s"] is None and not any(entry["marginal_images_per_s_rounds"]))
+    from breakhis_ray.data.decode import available_backends
+
+    for section in ("ingest", "inference"):  # every installed PNG backend, timed on that section's own tiles
+        rates = saved[section]["decode_backends_1core"]
+        assert list(rates) == available_backends() and all(v > 0 for v in rates.values()), (section, rates)
     explain = saved["inference"]["explain"]  # the cost of --explain gradcam, with and without
     assert explain["method"] == "gradcam" and explain["pipeline_explain"]["images"] == 8
     assert all(explain[k] > 0 for k in ("raw_ratio", "pipeline_ratio", "raw_predictor_explain_images_per_s"))
@@ -103,6 +108,7 @@ def test_tiny_bench_run_writes_the_json_contract_and_a_profile(ray_session, tmp_
     assert "time per step" in profile and "cProfile" in profile and "Ray Data statistics" in profile
     printed = caplog.text
     assert "TorchTrainer 1 worker vs plain loop" in printed and "verdict" in printed
+    assert printed.count("PNG decode img/s on 1 core: pil ") == 2  # in the ingest and the inference header
     assert validate_config(BenchConfig, yaml.safe_load((tmp_path / "bench.config.yaml").read_text())) == cfg
     assert json.loads((tmp_path / "bench.versions.json").read_text())["ray"]
 

@@ -7,6 +7,7 @@ Measured in one run, on the same images, the same checkpoints and the same batch
 * ``raw_predictor``: :class:`breakhis_ray.inference.Predictor` called directly on pre-decoded batches (the
   whole model stage without Ray or decode: segmentation + nuclear features + classifier + output table);
 * ``decode_1core``: read-free decode + resize of the encoded images on one core, the CPU-side limit;
+  ``decode_backends_1core``: decode alone of the same tiles on one core, every installed PNG backend;
 * ``pipeline``: :func:`breakhis_ray.inference.run_infer` end to end (listing, decode tasks, Predictor actors,
   Parquet parts) at ``N`` and ``scale * N`` images, with the decode tasks sized as ``infer`` sizes them
   (:func:`~breakhis_ray.inference.plan.plan_stages`, recorded under ``stages``); ``marginal_images_per_s`` =
@@ -369,6 +370,9 @@ def run_inference_benchmark(
         "cores": cpu_count(),
         "workdir": str(work),
     }
+    from breakhis_ray.data.decode import backend_rates
+
+    results["decode_backends_1core"] = backend_rates(encoded[:min(len(encoded), 48)], repeats=2)
     if section.forward_sweep:
         results["forward_sweep_images_per_s"] = forward_sweep(clf_ckpt, encoded[:n_images], section.forward_sweep,
                                                               threads)

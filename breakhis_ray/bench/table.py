@@ -64,15 +64,20 @@ def _ms(value: float | None) -> str:
     return "?" if value is None else f"{value:.1f} ms/img"
 
 
+def _backends(r: dict) -> str:
+    """``; PNG decode img/s on 1 core: pil 122, wuffs 319, ...`` of a section's ``decode_backends_1core``."""
+    rates = r.get("decode_backends_1core") or {}
+    return "; PNG decode img/s on 1 core: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()) if rates else ""
+
+
 def _ingest_rows(r: dict, targets: dict) -> list[str]:
     rates, steady, ratios = r["images_per_s"], r["steady_images_per_s"], r["ratios"]
     dl, dl_steady = _rate(rates["dataloader"]), _rate(steady["dataloader"])
-    backends = ", ".join(f"{k} {v:.0f}" for k, v in (r.get("decode_backends_1core") or {}).items())
     return [
         f"ingest: N={r['n_images']} {r['data_source']} 700x460 PNGs -> {r['size']}x{r['size']}, batch "
         f"{r['batch_size']}; DataLoader num_workers={r['dataloader_workers']} (PIL decode); Ray decode tasks "
         f"{r['decode_num_cpus']} CPU, {r['decode_batch_size']} images each, decoder {r['decode_backend']}; steady = "
-        f"marginal rate N -> 2N, best of {r['repeats']}; PNG decode img/s on 1 core: {backends}",
+        f"marginal rate N -> 2N, best of {r['repeats']}{_backends(r)}",
         _row(targets, "Ray Data, original-PNG shards, steady", _rate(steady["ray_shards"]), dl_steady,
              ratios["ray_shards_vs_dataloader_steady"], "ingest_shards_vs_dataloader"),
         _row(targets, f"same, vs DataLoader with {r['decode_backend']} too", _rate(steady["ray_shards"]),
@@ -122,7 +127,7 @@ def _inference_rows(r: dict, targets: dict) -> list[str]:
              f"decode tasks {r['decode_num_cpus']} CPU x {r.get('stages', {}).get('decode_tasks', '?')}; "
              f"classifier N={r['n_images']}, {r['scale']}N={r['n_images'] * r['scale']}; U-Net + classifier "
              f"N={r.get('unet_n_images', r['n_images'])}; steady = marginal rate N -> {r['scale']}N, best of "
-             f"{r.get('repeats', 1)}"]
+             f"{r.get('repeats', 1)}{_backends(r)}"]
     for mode, label in (("classifier", "classifier"), ("unet_classifier", "U-Net + classifier")):
         e = r[mode]
         lines.append(_row(targets, f"{label}: pipeline vs {e['raw_kind'].replace('_', ' ')}",
