@@ -372,7 +372,7 @@ def run_inference_benchmark(
     }
     from breakhis_ray.data.decode import backend_rates
 
-    results["decode_backends_1core"] = backend_rates(encoded[:min(len(encoded), 48)], repeats=2)
+    results["decode_backends_1core"] = backend_rates(encoded[:48], repeats=2)
     if section.forward_sweep:
         results["forward_sweep_images_per_s"] = forward_sweep(clf_ckpt, encoded[:n_images], section.forward_sweep,
                                                               threads)
