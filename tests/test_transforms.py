@@ -59,6 +59,30 @@ def test_resize_uses_height_width_and_is_deterministic():
     assert parse_hw(32) == (32, 32) and parse_hw([20, 30]) == (20, 30) and parse_hw("70x46") == (46, 70)
 
 
+@pytest.mark.parametrize("shape, size", [((460, 700, 3), (224, 224)), ((460, 700, 1), (256, 256)),
+                                         ((50, 60, 3), (120, 90)), ((33, 47, 3), (32, 32))])
+def test_resize_stays_within_one_grey_level_of_pils_bilinear(shape, size):
+    """torch's uint8 kernel runs PIL's BILINEAR filter with other fixed-point rounding: down- and upscaling,
+    one and three channels, at most one grey level apart and rarely that."""
+    arr = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    ours = resize_uint8(arr, size).astype(int)
+    pil = np.asarray(Image.fromarray(arr[..., 0] if shape[2] == 1 else arr).resize(size[::-1],
+                                                                                   Image.Resampling.BILINEAR))
+    diff = np.abs(ours - pil.reshape(ours.shape))
+    assert ours.shape == (*size, shape[2]) and diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def test_resize_takes_read_only_and_reversed_views_and_returns_a_contiguous_array():
+    arr = random_rgb(46, 70)
+    expected = resize_uint8(arr.copy(), (20, 30))
+    read_only = arr.copy()
+    read_only.flags.writeable = False
+    np.testing.assert_array_equal(resize_uint8(read_only, (20, 30)), expected)
+    flipped = resize_uint8(arr[:, ::-1], (20, 30))
+    np.testing.assert_array_equal(flipped, resize_uint8(np.ascontiguousarray(arr[:, ::-1]), (20, 30)))
+    assert flipped.flags.c_contiguous and flipped.flags.writeable
+
+
 def test_resize_antialiases_high_frequencies():
     stripes = np.zeros((64, 64, 3), np.uint8)
     stripes[:, ::2] = 255

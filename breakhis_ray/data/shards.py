@@ -144,8 +144,7 @@ def _read(fs: pafs.FileSystem, uri: str) -> bytes:
     """Bytes of one input; a missing file is a reject, any other storage failure stops the run."""
     path = uri[len("s3://"):] if storage.is_s3(uri) else storage.resolve(uri)[1]
     try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
+        return storage.read_file(fs, path)
     except FileNotFoundError:
         raise ImageRejected("missing", "file not found") from None
     except OSError as exc:

@@ -53,8 +53,7 @@ def read_uri(uri: str) -> bytes | str:
     """The file's bytes, or a ``read_error: ...`` string."""
     fs, path = _fs_and_path(uri)
     try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
+        return storage.read_file(fs, path)
     except FileNotFoundError:
         return "read_error: file not found"
     except OSError as exc:
