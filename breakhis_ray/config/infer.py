@@ -60,7 +60,9 @@ class InferConfig(StrictModel):
     write_masks: bool = Field(default=False, description="write nuclei instance masks (uint16 PNG) under "
                               "<out>/masks/ and fill mask_uri")
     # CPU decode stage (Ray tasks)
-    decode_batch_size: int = Field(default=16, ge=1)
+    decode_batch_size: int = Field(default=32, ge=1, description="images per decode task; 32 ran 8% more "
+                                   "img/s than 16 on 2 cores, fewer tasks to schedule (docs/BENCHMARKS.md, "
+                                   "sixth round)")
     decode_num_cpus: float | None = Field(default=None, gt=0.0, description="CPUs per decode task; null: sized "
                                           "from the cluster's cores, the CPUs the model actors leave split into "
                                           "ceil(free) tasks (2 cores, one 0.5-CPU actor: 2 tasks of 0.75; "
