@@ -287,7 +287,7 @@ def test_a_capped_decode_stage_runs_without_ray_datas_reservation_and_actors_que
     """The session's Ray is one this process started: ``infer`` caps its decode tasks at the plan and turns
     Ray Data's per-operator reservation off (it held decode below the cap); uncapped, the reservation stays."""
     from breakhis_ray.inference import build_dataset, plan_inputs, resolve_sizes
-    from breakhis_ray.inference.driver import cluster_stage_plan
+    from breakhis_ray.inference.driver import cluster_stage_plan, model_stage_args
     from breakhis_ray.ray_utils import fixed_size_cluster
 
     assert fixed_size_cluster()
@@ -301,8 +301,9 @@ def test_a_capped_decode_stage_runs_without_ray_datas_reservation_and_actors_que
     free = dataclasses.replace(stages, decode_concurrency=None)
     uncapped = build_dataset(cfg, plan, range(plan.n_chunks), prep, seg_size, "run", free)
     assert uncapped.context.op_resource_reservation_enabled is True
-    model_op = capped._logical_plan.dag  # the Predictor stage: batches queued per actor as configured
-    assert model_op.compute.max_tasks_in_flight_per_actor == cfg.max_tasks_in_flight_per_actor == 8
+    model_stage = model_stage_args(cfg, seg_size, "run", stages)  # what build_dataset gives the Predictor stage
+    assert model_stage["compute"].max_tasks_in_flight_per_actor == cfg.max_tasks_in_flight_per_actor == 8
+    assert model_stage["batch_size"] == cfg.batch_size and model_stage["num_cpus"] == cfg.num_cpus
     assert len(capped.take_all()) == len(plan.paths)  # the capped plan runs and keeps every input
 
 

@@ -62,6 +62,7 @@ from breakhis_ray.data.read import (  # noqa: F401  (re-exported: the pipeline's
     fused_decode_cpus,
     read_split,
     shard_columns,
+    shard_layout,
     shards_uri,
 )
 from breakhis_ray.data.transforms import PreprocessSpec, normalize, prepare_uint8
@@ -219,13 +220,14 @@ def build_datasets(
     after_decode = after_decode or (lambda ds: ds)
     if tuple(spec.size) != tuple(cfg.image_size):
         raise DataError(f"preprocess size {spec.size} differs from data.image_size {cfg.image_size}")
-    names = shard_columns(cfg)
+    layout = shard_layout(cfg)
+    names = layout.columns
     keep = list(cfg.eval_columns)
     source = [LABEL_SOURCE.get(task, "label_id")]
     if source[0] not in names:
         raise DataError(f"shards at {shards_uri(cfg)} lack column {source[0]!r} (needed by task={task})")
 
-    train = after_decode(decode_stage(cfg, ordered(read_split(cfg, "train", keep=source, columns=names),
+    train = after_decode(decode_stage(cfg, ordered(read_split(cfg, "train", keep=source, layout=layout),
                                                    cfg.seed is not None), spec, keep=(), with_key=True, task=task))
     if cfg.shuffle == "blocks":  # small blocks, so a new block order is a real reshuffle
         train = train.repartition(target_num_rows_per_block=cfg.block_rows)
@@ -250,11 +252,11 @@ def build_datasets(
     if train is not base:
         _BASES[train] = base
 
-    val = after_decode(decode_stage(cfg, ordered(read_split(cfg, "val", keep=keep + source, columns=names),
+    val = after_decode(decode_stage(cfg, ordered(read_split(cfg, "val", keep=keep + source, layout=layout),
                                                  cfg.seed is not None), spec, keep=keep, with_key=False, task=task))
     if cfg.materialize:
         val = val.materialize()
-    test = after_decode(decode_stage(cfg, read_split(cfg, "test", keep=keep + source, columns=names), spec,
+    test = after_decode(decode_stage(cfg, read_split(cfg, "test", keep=keep + source, layout=layout), spec,
                                      keep=keep, with_key=False, task=task))
     return {"train": train, "val": val, "test": test}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from breakhis_ray import storage
@@ -41,8 +42,18 @@ def shards_uri(cfg: DataConfig) -> str:
     return storage.join(cfg.shards, "shards")
 
 
-def shard_columns(cfg: DataConfig) -> list[str]:
-    """Column names of the shards (from the first file's Parquet footer); checks the required ones."""
+@dataclass(frozen=True)
+class ShardLayout:
+    """What one listing and one Parquet footer tell about the shards: the files, the column names (the
+    required ones checked) and the encoded bytes per row of the ``image`` column (for the read's block size)."""
+
+    files: list[str]
+    columns: list[str]
+    row_bytes: int
+
+
+def shard_layout(cfg: DataConfig) -> ShardLayout:
+    """List the shards once and read the first file's footer once (:class:`ShardLayout`)."""
     import pyarrow.parquet as pq
 
     uri = shards_uri(cfg)
@@ -53,36 +64,27 @@ def shard_columns(cfg: DataConfig) -> list[str]:
         raise DataError(f"no Parquet shards under {uri}")
     fs, path = storage.resolve(files[0])
     try:
-        names = list(pq.read_schema(path, filesystem=fs).names)
+        meta = pq.read_metadata(path, filesystem=fs)
     except OSError as exc:
-        raise DataError(f"cannot read Parquet schema of {files[0]}: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"cannot read Parquet footer of {files[0]}: {str(exc).splitlines()[0]}") from None
+    names = list(meta.schema.to_arrow_schema().names)
     missing = [c for c in (*REQUIRED_COLUMNS, *cfg.eval_columns) if c not in names]
     if missing:
         raise DataError(f"shards at {uri} lack column(s) {missing} (have {names})")
-    return names
+    image = [i for i in range(meta.num_columns) if meta.schema.column(i).path.split(".")[0] == "image"]
+    total = sum(meta.row_group(g).column(i).total_uncompressed_size
+                for g in range(meta.num_row_groups) for i in image)
+    return ShardLayout(files, names, max(1, total // max(1, meta.num_rows)))
+
+
+def shard_columns(cfg: DataConfig) -> list[str]:
+    """Column names of the shards (from the first file's Parquet footer); checks the required ones."""
+    return shard_layout(cfg).columns
 
 
 #: Ray Data reads Parquet footers on this many actors per read (default 32: one Python process each, started for
 #: every execution; on a 2-core machine their start-up took ~12 s of each pass, next to ~3 s of decoding).
 _FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-
-
-def _read_layout(cfg: DataConfig) -> tuple[int, int]:
-    """``(shard files, encoded bytes per row)``: the bytes from the first file's footer (``image`` column)."""
-    import pyarrow.parquet as pq
-
-    files = storage.list_files(shards_uri(cfg), suffixes=[".parquet"])
-    if not files:
-        raise DataError(f"no Parquet shards under {shards_uri(cfg)}")
-    fs, path = storage.resolve(files[0])
-    try:
-        meta = pq.read_metadata(path, filesystem=fs)
-    except OSError as exc:
-        raise DataError(f"cannot read Parquet footer of {files[0]}: {str(exc).splitlines()[0]}") from None
-    columns = [i for i in range(meta.num_columns) if meta.schema.column(i).path.split(".")[0] == "image"]
-    total = sum(meta.row_group(g).column(i).total_uncompressed_size
-                for g in range(meta.num_row_groups) for i in columns)
-    return len(files), max(1, total // max(1, meta.num_rows))
 
 
 #: ``DataContext`` flag choosing Ray Data's Parquet reader. The V2 reader (Ray's default) lists files in a
@@ -120,11 +122,10 @@ def _read_settings(block_bytes: int, footer_readers: int):
             os.environ.pop(_FOOTER_READERS_ENV, None)
 
 
-def read_split(
-    cfg: DataConfig, split: str | None, keep: Sequence[str] = (), columns: Sequence[str] | None = None
-):
+def read_split(cfg: DataConfig, split: str | None, keep: Sequence[str] = (), layout: ShardLayout | None = None):
     """Lazy dataset of one split's shard rows (``None``: every split, originals only): only the needed
-    columns, filters pushed into the scan. ``columns``: the shard's column names if already known.
+    columns, filters pushed into the scan. ``layout``: :func:`shard_layout` if already read (the splits of one
+    pipeline share one listing and one footer read).
 
     The read streams blocks of about ``decode_batch_size`` rows while it reads a file, so decoding starts
     with the first block and every core decodes without a repartition. Ray Data's V1 Parquet reader reads the
@@ -134,11 +135,11 @@ def read_split(
 
     if split is not None and split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
-    names = list(columns) if columns is not None else shard_columns(cfg)
-    has_aug = "augmentation" in names
+    layout = layout or shard_layout(cfg)
+    has_aug = "augmentation" in layout.columns
     wanted = list(dict.fromkeys([*REQUIRED_COLUMNS, *keep, *(["augmentation"] if has_aug else [])]))
     fs, path = storage.resolve(shards_uri(cfg))
-    n_files, row_bytes = _read_layout(cfg)
+    n_files, row_bytes = len(layout.files), layout.row_bytes
     fused = fused_decode_cpus(cfg, n_files)
     # one read task per file: more would only split each file's output into blocks of 1-3 rows
     read_args: dict[str, Any] = {"override_num_blocks": n_files}

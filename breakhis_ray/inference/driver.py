@@ -65,6 +65,24 @@ def _predictor_kwargs(cfg: InferConfig, segment_size, run_id: str, torch_threads
     }
 
 
+def model_stage_args(cfg: InferConfig, segment_size, run_id: str, stages: StagePlan) -> dict[str, Any]:
+    """The ``map_batches`` arguments of the Predictor stage: batch size, the actor pool, its resources."""
+    import ray.data
+
+    return {
+        "batch_size": cfg.batch_size,
+        "batch_format": "numpy",
+        "fn_constructor_kwargs": _predictor_kwargs(cfg, segment_size, run_id, stages.torch_threads),
+        # batches queued at each actor: it starts the next one without waiting for the driver to dispatch it
+        "compute": ray.data.ActorPoolStrategy(size=cfg.concurrency,
+                                              max_tasks_in_flight_per_actor=cfg.max_tasks_in_flight_per_actor),
+        "num_cpus": cfg.num_cpus,
+        "num_gpus": cfg.num_gpus or None,
+        # model processes keep freed memory (breakhis_ray.allocator): no page faults on every batch
+        "runtime_env": {"env_vars": dict(MODEL_PROCESS_ENV)},
+    }
+
+
 def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], preprocessing: dict,
                   segment_size, run_id: str, stages: StagePlan | None = None):
     """The Ray Data pipeline for ``chunks``: work units -> CPU decode tasks -> Predictor actors
@@ -94,19 +112,7 @@ def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], prep
         ds = ray.data.from_arrow(units, override_num_blocks=blocks)
         ds = ds.map_batches(read_and_decode, batch_size=cfg.decode_batch_size, batch_format="numpy",
                             fn_kwargs={**decode_kwargs, "io_threads": cfg.io_threads}, **decode_remote)
-    ds = ds.map_batches(
-        Predictor,
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        fn_constructor_kwargs=_predictor_kwargs(cfg, segment_size, run_id, stages.torch_threads),
-        # batches queued at each actor: it starts the next one without waiting for the driver to dispatch it
-        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency,
-                                           max_tasks_in_flight_per_actor=cfg.max_tasks_in_flight_per_actor),
-        num_cpus=cfg.num_cpus,
-        num_gpus=cfg.num_gpus or None,
-        # model processes keep freed memory (breakhis_ray.allocator): no page faults on every batch
-        runtime_env={"env_vars": dict(MODEL_PROCESS_ENV)},
-    )
+    ds = ds.map_batches(Predictor, **model_stage_args(cfg, segment_size, run_id, stages))
     if stages.decode_concurrency:
         # the cap bounds the decode tasks; Ray Data's per-operator reservation would hold them below it
         ds.context.op_resource_reservation_enabled = False
