@@ -2,7 +2,8 @@
 
 Input contract (baked in, the same for both formats): ``image``, ``uint8`` ``(N, H, W, C)`` — RGB pixels in
 ``[0, 255]``, channels last, resized to the checkpoint's ``preprocessing.size`` ``(H, W)`` (this project resizes
-with PIL's bilinear filter, :func:`breakhis_ray.data.transforms.resize_uint8`); ``N`` is free. The module
+with PIL's antialiased bilinear filter, run by torch's uint8 kernel: :func:`breakhis_ray.data.transforms.resize_uint8`);
+``N`` is free. The module
 scales and normalises exactly as :func:`breakhis_ray.data.transforms.normalize` does (``x / 255``, then
 ``(x - mean) / std`` for ``scale=imagenet``), so a server feeds decoded pixels and nothing else. Outputs:
 ``logits`` ``float32 (N, classes)`` and ``probabilities`` = ``softmax(logits / T)`` (``T`` the checkpoint's
@@ -179,7 +180,8 @@ def export_model(cfg: ExportConfig) -> dict:
         "bytes": len(data),
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "shape": ["N", height, width, channels],
                   "channels": "RGB" if channels == 3 else "RGB + mask (0..255)",
-                  "resize": "to (H, W) = preprocessing.size, PIL bilinear, before calling the model",
+                  "resize": "to (H, W) = preprocessing.size, antialiased bilinear (PIL BILINEAR, or torch "
+                            "interpolate with antialias=True), before calling the model",
                   "normalisation": "inside the model: x / 255, then (x - mean) / std per RGB channel"},
         "outputs": {"logits": {"dtype": "float32", "shape": ["N", classes]},
                     "probabilities": {"dtype": "float32", "shape": ["N", classes],
