@@ -27,6 +27,7 @@ from breakhis_ray.losses import DiceBCELoss, binary_focal_loss, dice_loss
 from breakhis_ray.segmentation import create_segmenter
 from breakhis_ray.segmentation.dataset import (
     LoadPairs,
+    cap_rows,
     load_pair,
     mask_uri,
     pair_table,
@@ -104,6 +105,24 @@ def test_split_is_patient_disjoint_deterministic_and_stratified(tree):
     capped = pair_table(_data(tree, max_images=3))
     assert (capped["split"].value_counts() <= 3).all()
     assert set(capped["path"]) <= set(rows["path"])
+
+
+def test_capped_images_do_not_depend_on_where_the_tree_lies():
+    """The same tree under two roots keeps the same images (by name), spread over patients; another seed
+    picks others."""
+    import pandas as pd
+
+    names = [f"SOB_B_A-14-{p}-40-{i:03d}.png" for p in ("111A", "222B", "333C") for i in range(1, 9)]
+    patients = [n.split("-")[2] for n in names]
+
+    def picked(root: str, seed: int = 0) -> list[str]:
+        rows = pd.DataFrame({"path": [f"{root}/{n}" for n in names], "patient_id": patients})
+        kept = cap_rows(rows, 6, seed)
+        assert kept["patient_id"].value_counts().tolist() == [2, 2, 2]
+        return [p.rsplit("/", 1)[1] for p in kept["path"]]
+
+    assert picked("/data/a/synthetic") == picked("/elsewhere/clone/runs/demo/synthetic")
+    assert any(picked("/data/a/synthetic", seed) != picked("/data/a/synthetic") for seed in (1, 2, 3))
 
 
 def test_mask_paths_follow_the_synthetic_layout(tree):

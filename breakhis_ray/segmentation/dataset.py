@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
@@ -105,10 +106,14 @@ def split_patients(manifest: "pd.DataFrame", split: SegSplitSection) -> "pd.Seri
 
 
 def cap_rows(rows: "pd.DataFrame", max_images: int | None, seed: int) -> "pd.DataFrame":
-    """At most ``max_images`` rows, spread over patients (round robin over a seeded order)."""
+    """At most ``max_images`` rows, spread over patients (round robin over a seeded order).
+
+    The order hashes each image's file name, not its full path, so the same tree picks the same images wherever
+    it lies (BreakHis file names are unique; rows with equal names keep their order)."""
     if max_images is None or len(rows) <= max_images:
         return rows
-    ranked = rows.assign(_rank=[_hash_rank(seed, p) for p in rows["path"]]).sort_values("_rank", kind="stable")
+    ranked = rows.assign(_rank=[_hash_rank(seed, posixpath.basename(str(p))) for p in rows["path"]])
+    ranked = ranked.sort_values("_rank", kind="stable")
     ranked["_turn"] = ranked.groupby("patient_id").cumcount()
     ranked = ranked.sort_values(["_turn", "_rank"], kind="stable").head(max_images)
     return ranked.drop(columns=["_rank", "_turn"]).sort_values("path", kind="stable")
