@@ -279,11 +279,11 @@ def split_class_counts(cfg: DataConfig, task: str = "binary", split: str = "trai
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    names = shard_columns(cfg)
+    layout = shard_layout(cfg)
+    names, files = layout.columns, layout.files
     source = LABEL_SOURCE.get(task)
     if source is None:
         raise DataError(f"unknown task {task!r}; choose from {', '.join(LABEL_SOURCE)}")
-    files = storage.list_files(shards_uri(cfg), suffixes=[".parquet"])
     fs, _ = storage.resolve(files[0])
     dataset = pads.dataset([storage.resolve(u)[1] for u in files], filesystem=fs, format="parquet")
     wanted = pc.field("split") == split
