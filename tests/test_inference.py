@@ -242,10 +242,12 @@ def test_decode_tasks_are_sized_from_the_cores():
     from breakhis_ray.data.cpu_share import FALLBACK_DECODE_CPUS
     from breakhis_ray.inference.plan import plan_stages
 
-    cfg = load_config(InferConfig, None, [], {"input": "a", "out": "b", "classifier": "c"})
-    assert cfg.decode_num_cpus is None and cfg.num_cpus == 0.5 and cfg.concurrency == 1
+    cfg = load_config(InferConfig, None, [], {"input": "a", "out": "b", "classifier": "c",
+                                              "decode_placement": "tasks"})
+    assert cfg.decode_num_cpus is None and cfg.num_cpus is None and cfg.concurrency is None
     two = plan_stages(cfg, 2.0)
     assert (two.decode_num_cpus, two.decode_tasks, two.sized_from) == (0.75, 2, "cores")
+    assert (two.placement, two.actors, two.actor_cpus, two.tasks_in_flight) == ("tasks", 1, 0.5, 8)
     for cpus in (1, 2, 3, 4, 7, 16, 96):
         for over in ({}, {"num_cpus": 1.0}, {"concurrency": 2, "num_cpus": 2.0}):
             stages = plan_stages(cfg.model_copy(update=over), float(cpus))
@@ -265,7 +267,8 @@ def test_decode_tasks_are_capped_at_the_plan_only_on_a_fixed_size_cluster():
     cluster may (autoscaler): no cap, unless the config sets one; an unknown CPU count gives no cap either."""
     from breakhis_ray.inference.plan import plan_stages
 
-    cfg = load_config(InferConfig, None, [], {"input": "a", "out": "b", "classifier": "c"})
+    cfg = load_config(InferConfig, None, [], {"input": "a", "out": "b", "classifier": "c",
+                                              "decode_placement": "tasks"})
     assert cfg.decode_concurrency is None
     for cpus in (2.0, 3.0, 16.0):
         fixed, joined = plan_stages(cfg, cpus, fixed_size=True), plan_stages(cfg, cpus)
@@ -278,6 +281,33 @@ def test_decode_tasks_are_capped_at_the_plan_only_on_a_fixed_size_cluster():
     capped = cfg.model_copy(update={"decode_concurrency": 5})
     assert plan_stages(capped, 2.0).decode_concurrency == 5
     assert plan_stages(capped, 2.0, fixed_size=True).decode_concurrency == 5
+
+
+def test_decode_runs_in_the_actors_on_cpu_and_in_tasks_beside_gpus():
+    """auto: on CPU each actor decodes its own batches, one 1-CPU actor per core, two batches queued at each;
+    GPU actors, or decode tasks sized in the config, keep the separate decode tasks. Explicit settings win;
+    sizing decode tasks while asking for none is refused."""
+    from breakhis_ray.inference.plan import decode_placement, plan_stages
+
+    base = {"input": "a", "out": "b", "classifier": "c"}
+    cfg = load_config(InferConfig, None, [], base)
+    assert cfg.decode_placement == "auto" and decode_placement(cfg) == "actors"
+    for cpus in (1.0, 2.0, 3.0, 16.0):
+        stages = plan_stages(cfg, cpus, fixed_size=True)
+        assert (stages.placement, stages.actors, stages.actor_cpus) == ("actors", int(cpus), 1.0)
+        assert stages.model_cpus == cpus and stages.decode_tasks == 0 and stages.decode_concurrency is None
+        assert stages.torch_threads == 1 and stages.tasks_in_flight == 2 and stages.sized_from == "cores"
+    assert (plan_stages(cfg, None).actors, plan_stages(cfg, None).sized_from) == (1, "fallback")
+    two_threads = plan_stages(cfg.model_copy(update={"num_cpus": 2.0}), 5.0)
+    assert (two_threads.actors, two_threads.torch_threads) == (2, 2)
+    given = plan_stages(cfg.model_copy(update={"concurrency": 3, "max_tasks_in_flight_per_actor": 4}), 2.0)
+    assert (given.actors, given.sized_from, given.tasks_in_flight) == (3, "config", 4)
+    for over in ({"num_gpus": 1.0}, {"decode_num_cpus": 0.5}, {"decode_concurrency": 2},
+                 {"decode_placement": "tasks"}):
+        assert decode_placement(cfg.model_copy(update=over)) == "tasks", over
+    assert decode_placement(cfg.model_copy(update={"num_gpus": 1.0, "decode_placement": "actors"})) == "actors"
+    with pytest.raises(ConfigError, match="decode_num_cpus"):
+        load_config(InferConfig, None, ["decode_placement=actors", "decode_num_cpus=0.5"], base)
 
 
 # ------------------------------------------------------------------------------------------ ray tier
@@ -302,7 +332,7 @@ def test_a_capped_decode_stage_runs_without_ray_datas_reservation_and_actors_que
     uncapped = build_dataset(cfg, plan, range(plan.n_chunks), prep, seg_size, "run", free)
     assert uncapped.context.op_resource_reservation_enabled is True
     model_stage = model_stage_args(cfg, seg_size, "run", stages)  # what build_dataset gives the Predictor stage
-    assert model_stage["compute"].max_tasks_in_flight_per_actor == cfg.max_tasks_in_flight_per_actor == 8
+    assert model_stage["compute"].max_tasks_in_flight_per_actor == stages.tasks_in_flight == 8
     assert model_stage["batch_size"] == cfg.batch_size and model_stage["num_cpus"] == cfg.num_cpus
     assert len(capped.take_all()) == len(plan.paths)  # the capped plan runs and keeps every input
 
@@ -321,6 +351,54 @@ def test_decode_is_its_own_stage(ray_session, checkpoints, tree, tmp_path, capsy
     physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "ActorPoolMapOperator[MapBatches(Predictor)]" in physical
     assert "TaskPoolMapOperator[MapBatches(read_and_decode)]" in physical
+
+
+def _actors_cfg(inp: str, out: str, classifier: str, segmenter: str | None = None, **over) -> InferConfig:
+    """As :func:`_cfg`, with decode in the actors and the actors planned from the session's cores."""
+    return _cfg(inp, out, classifier, segmenter, decode_placement="actors", decode_num_cpus=None, num_cpus=None,
+                concurrency=None, **over)
+
+
+@pytest.mark.ray
+def test_decoding_actors_are_the_only_stage(ray_session, checkpoints, tree, tmp_path, capsys):
+    """With decode in the actors the plan is one actor-pool operator; no decode task is scheduled."""
+    from breakhis_ray.inference import build_dataset, plan_inputs, resolve_sizes
+    from breakhis_ray.inference.driver import cluster_stage_plan, model_stage_args
+
+    cfg = _actors_cfg(str(tree), str(tmp_path / "out"), checkpoints["classifier"], checkpoints["unet"])
+    stages = cluster_stage_plan(cfg)
+    assert stages.placement == "actors" and stages.actors >= 1 and stages.actor_cpus == 1.0
+    plan = plan_inputs(cfg)
+    prep, seg_size = resolve_sizes(cfg.classifier, cfg.segmenter)
+    build_dataset(cfg, plan, range(plan.n_chunks), prep, seg_size, "run").explain()
+    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "MapBatches(DecodingPredictor)" in physical and "read_and_decode" not in physical
+    model_stage = model_stage_args(cfg, seg_size, "run", stages, decode={"preprocessing": prep}, units="shards")
+    assert model_stage["batch_size"] == 1 and model_stage["fn_constructor_kwargs"]["units"] == "shards"
+    assert model_stage["compute"].max_tasks_in_flight_per_actor == 2
+
+
+@pytest.mark.ray
+def test_decoding_actors_give_the_rows_of_decode_tasks(full_run, tree, checkpoints, tmp_path):
+    """Every input, error rows with their reasons, features and probabilities equal to the decode-task run."""
+    from breakhis_ray.inference import read_predictions, run_infer
+
+    _, reference, want = full_run
+    out = str(tmp_path / "out")
+    summary = run_infer(_actors_cfg(str(tree), out, checkpoints["classifier"], checkpoints["unet"],
+                                    write_masks=True))
+    table = read_predictions(out)
+    assert summary["complete"] and (summary["ok"], summary["error"]) == (reference["ok"], reference["error"])
+    got, expected = _rel(table, str(tree)), _rel(want, str(tree))
+    assert set(got) == set(expected) == set(EXPECTED)
+    for rel, row in got.items():
+        ref = expected[rel]
+        assert (row["status"], row["error"], row["nuclei_count"]) == (ref["status"], ref["error"],
+                                                                      ref["nuclei_count"]), rel
+        if row["status"] == "ok":
+            assert row["prob_malignant"] == pytest.approx(ref["prob_malignant"], abs=1e-6)
+            assert row["mean_hematoxylin"] == pytest.approx(ref["mean_hematoxylin"], abs=1e-5)
+    assert sum(1 for u in table.column("mask_uri").to_pylist() if u) == len(GOOD)
 
 
 @pytest.fixture(scope="module")
@@ -551,7 +629,7 @@ def test_manifest_input_with_threshold_segmenter(ray_session, checkpoints, tree,
     pq.write_table(pa.table({"path": paths + paths[:2]}), manifest)
     out = str(tmp_path / "out")
     summary = run_infer(_cfg(str(manifest), out, checkpoints["classifier"], "threshold", chunk_size=100,
-                             decode_num_cpus=None))  # decode tasks sized from the session's cores
+                             decode_num_cpus=None, decode_placement="tasks"))  # tasks sized from the cores
     table = read_predictions(out)
     assert summary["mode"] == "manifest" and summary["ok"] == len(GOOD) and table.num_rows == len(EXPECTED)
     assert {k: v["status"] for k, v in _rel(table, str(tree)).items()} == EXPECTED
@@ -565,7 +643,8 @@ def test_manifest_input_with_threshold_segmenter(ray_session, checkpoints, tree,
 
 @pytest.mark.ray
 def test_parquet_shards_input(ray_session, checkpoints, tree, tmp_path, full_run):
-    """prepare-style shards (image bytes + path; augmented copies skipped; other Parquet files ignored)."""
+    """prepare-style shards (image bytes + path; augmented copies skipped; other Parquet files ignored), decoded
+    in the actors, give the probabilities of the image tree through decode tasks."""
     from breakhis_ray.inference import read_predictions, run_infer
 
     good = sorted(rel for rel in GOOD if not rel.startswith("odd/"))
@@ -579,7 +658,7 @@ def test_parquet_shards_input(ray_session, checkpoints, tree, tmp_path, full_run
     pq.write_table(pa.Table.from_pylist(rows[3:], schema), shard_dir / "part-00001.parquet")
     pq.write_table(pa.table({"path": ["x"]}), tmp_path / "prep" / "manifest.parquet")  # not an input
     out = str(tmp_path / "out")
-    summary = run_infer(_cfg(str(tmp_path / "prep"), out, checkpoints["classifier"], chunk_size=3))
+    summary = run_infer(_actors_cfg(str(tmp_path / "prep"), out, checkpoints["classifier"], chunk_size=3))
     table = read_predictions(out)
     assert summary["mode"] == "shards" and table.num_rows == len(good) + 1 and summary["chunks"] == 3
     status = dict(zip(table.column("path").to_pylist(), table.column("status").to_pylist()))
@@ -596,7 +675,8 @@ def test_parquet_shards_input(ray_session, checkpoints, tree, tmp_path, full_run
 @pytest.mark.ray
 @pytest.mark.s3
 def test_s3_in_and_out(ray_session, s3_server, checkpoints, tree):
-    """Images and checkpoints read from S3, predictions written to S3, against a real local S3 server."""
+    """Images and checkpoints read from S3 (by the decoding actors), predictions written to S3, against a real
+    local S3 server."""
     from breakhis_ray.inference import read_predictions, run_infer
 
     root = s3_server.uri("infer-test/images")
@@ -607,7 +687,7 @@ def test_s3_in_and_out(ray_session, s3_server, checkpoints, tree):
     for name in ("meta.json", "model.pt"):
         storage.write_bytes(f"{ckpt}/{name}", (Path(checkpoints["classifier"]) / name).read_bytes())
     out = s3_server.uri("infer-test/out")
-    cfg = _cfg(root, out, ckpt, "threshold")
+    cfg = _actors_cfg(root, out, ckpt, "threshold")
     first = run_infer(cfg.model_copy(update={"max_chunks": 2}))
     assert first["chunks_written"] == 2
     summary = run_infer(cfg)

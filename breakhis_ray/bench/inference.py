@@ -27,11 +27,15 @@ on a 2-core machine one round's marginal rate varied by about 10% from round to 
 Derived per mode: ``raw_images_per_s`` (the raw forward for the classifier alone, the raw Predictor for
 U-Net + classifier), ``ratio_vs_raw`` = steady pipeline rate (the marginal rate, else the ``scale * N``
 rate) / raw, and ``attainable_images_per_s``: what the machine allows when decode and the model share the
-cores (on CPU: ``min(raw x concurrency, cores / (decode s/img + model s/img x torch threads))``; with GPUs:
-``min(raw x concurrency, decode limit)``), with ``ratio_vs_attainable``. Note what ``ratio_vs_raw`` compares:
-the pipeline decodes every PNG, the raw forward none, so on CPU it is bounded by ``attainable / raw``, which
-depends on the cores: on 2 cores with the classifier's decode (8 ms/img) longer than its forward (5.5 ms/img)
-that bound is about 0.84; with cores to spare beside the model's threads it is 1.
+cores (on CPU: ``min(pool rate, cores / (decode s/img + model s/img x torch threads))``; with GPUs:
+``min(pool rate, decode limit)``; the pool rate is ``actors / model s/img`` beside decode tasks and
+``actors / (decode s/img + model s/img)`` when each actor decodes its own batches), with
+``ratio_vs_attainable``. Note what ``ratio_vs_raw`` compares: the pipeline decodes every PNG, the raw forward
+none, so on CPU it is bounded by ``attainable / raw``, which depends on the cores: on 2 cores with the
+classifier's decode + resize (4.5-5 ms/img) as long as its forward at one thread (4.5 ms/img) that bound is
+about 0.9; with cores to spare beside the model's threads it is 1. The pipeline and the raw model run with the
+actors' torch threads (``stages``); ``raw_all_cores_images_per_s`` is the raw model with a thread per core,
+and ``ratio_vs_raw_all_cores`` the pipeline against it, for reference.
 
 Each is done for the classifier alone and for U-Net + classifier. With ``explain`` (default), ``explain``
 holds the cost of ``--explain gradcam`` on the classifier: the raw Predictor with and without it
@@ -58,6 +62,7 @@ import numpy as np
 
 from breakhis_ray.bench.memory import PeakSampler, process_tree_rss
 from breakhis_ray.config import InferConfig, validate_config
+from breakhis_ray.inference.plan import StagePlan
 
 if TYPE_CHECKING:  # pragma: no cover
     from breakhis_ray.config import BenchInferenceSection
@@ -317,7 +322,7 @@ def run_inference_benchmark(
     n_images, scale, image_size = section.n_images, section.scale, tuple(section.image_size)
     unet_n = section.unet_n_images or n_images
     classifier, input_size, segment_size = section.classifier, section.input_size, section.segment_size
-    batch_size, num_cpus, concurrency = section.batch_size, section.num_cpus, section.concurrency
+    batch_size = section.batch_size
     decode_batch_size = section.decode_batch_size
     profile = section.profile
 
@@ -340,18 +345,19 @@ def run_inference_benchmark(
 
     clf_ckpt, unet_ckpt = write_checkpoints(work, classifier, input_size, segment_size)
     encoded = [Path(p).read_bytes() for p in paths[:max(n_images, unet_n)]]
-    threads = max(1, round(num_cpus))
     stamp = time.strftime("%Y%m%dT%H%M%S")
     ensure_ray(RayConfig(num_cpus=cpu_count()))
     from breakhis_ray.inference import resolve_sizes
     from breakhis_ray.inference.driver import cluster_stage_plan
 
-    # the pipeline settings every run shares (decode_num_cpus null: sized from the cores, as `infer` does)
-    common = {"classifier": clf_ckpt, "batch_size": batch_size, "num_cpus": num_cpus, "num_gpus": num_gpus,
-              "concurrency": concurrency, "decode_batch_size": decode_batch_size}
-    if section.decode_num_cpus is not None:
-        common["decode_num_cpus"] = section.decode_num_cpus
+    # the pipeline settings every run shares (what is null here is planned from the cores, as `infer` does)
+    common = {"classifier": clf_ckpt, "batch_size": batch_size, "num_gpus": num_gpus,
+              "decode_batch_size": decode_batch_size, "decode_placement": section.decode_placement}
+    for key in ("num_cpus", "concurrency", "decode_num_cpus"):
+        if getattr(section, key) is not None:
+            common[key] = getattr(section, key)
     stages = cluster_stage_plan(validate_config(InferConfig, {**common, "input": str(work), "out": str(work)}))
+    threads = stages.torch_threads
 
     results: dict[str, Any] = {
         "n_images": n_images,
@@ -363,7 +369,9 @@ def run_inference_benchmark(
         "input_size": input_size,
         "segment_size": segment_size,
         "batch_size": batch_size,
-        "actor": {"concurrency": concurrency, "num_cpus": num_cpus, "num_gpus": num_gpus, "torch_threads": threads},
+        "actor": {"concurrency": stages.actors, "num_cpus": stages.actor_cpus, "num_gpus": num_gpus,
+                  "torch_threads": threads},
+        "decode_placement": stages.placement,
         "decode_num_cpus": stages.decode_num_cpus,
         "decode_batch_size": decode_batch_size,
         "stages": stages.as_dict(),
@@ -389,6 +397,10 @@ def run_inference_benchmark(
                                  "decode_1core_pil_images_per_s": decode_rate(sample, prep, seg_size, "pil")}
         entry["decode_limit_images_per_s"] = round(entry["decode_1core_images_per_s"] * results["cores"], 2)
         entry.update(raw_baselines(clf_ckpt, segmenter, sample, batch_size, threads, profile=profile))
+        if results["cores"] > threads and not num_gpus:  # the model with every core, for reference
+            every = raw_baselines(clf_ckpt, segmenter, sample, batch_size, results["cores"])
+            entry["raw_all_cores_images_per_s"] = every.get("raw_forward_images_per_s",
+                                                            every["raw_predictor_images_per_s"])
         rounds = []
         for r in range(section.repeats):
             runs = {}
@@ -413,7 +425,7 @@ def run_inference_benchmark(
             entry["marginal_vs_raw_predictor"] = round(entry["marginal_images_per_s"] / raw, 3)
         entry["peak_rss_ratio"] = round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)
         entry["peak_rss_ratio_ok"] = entry["peak_rss_ratio"] <= 1.3
-        entry.update(derived_ratios(entry, results["cores"], threads, concurrency, num_gpus))
+        entry.update(derived_ratios(entry, results["cores"], stages, num_gpus))
         results[mode] = entry
     if section.explain:  # the cost of --explain gradcam on the classifier: raw Predictor and pipeline
         cost = explain_cost(clf_ckpt, encoded[:unet_n], batch_size, threads, str(work / f"heatmaps-{stamp}"))
@@ -430,20 +442,22 @@ def run_inference_benchmark(
     return results
 
 
-def derived_ratios(entry: dict[str, Any], cores: int, threads: int, concurrency: int,
-                   num_gpus: float) -> dict[str, Any]:
+def derived_ratios(entry: dict[str, Any], cores: int, stages: StagePlan, num_gpus: float) -> dict[str, Any]:
     """Raw reference, steady pipeline rate and the machine's attainable rate (see the module docstring)."""
     raw_kind = "raw_forward" if "raw_forward_images_per_s" in entry else "raw_predictor"
     raw = entry[f"{raw_kind}_images_per_s"]
     steady = entry["marginal_images_per_s"] or entry["pipeline_scale_n"]["images_per_s"]
-    decode_1core = entry["decode_1core_images_per_s"]
-    model_rate = entry["raw_predictor_images_per_s"] * concurrency
-    if num_gpus:
-        attainable = min(model_rate, decode_1core * cores)
+    decode_s = 1.0 / entry["decode_1core_images_per_s"]
+    model_s = 1.0 / entry["raw_predictor_images_per_s"]
+    if stages.placement == "actors":  # each actor decodes a batch, then runs the model on it
+        model_rate = stages.actors / (decode_s + model_s)
     else:
-        core_seconds = 1.0 / decode_1core + threads / entry["raw_predictor_images_per_s"]
-        attainable = min(model_rate, cores / core_seconds)
-    return {
+        model_rate = stages.actors / model_s
+    if num_gpus:
+        attainable = min(model_rate, cores / decode_s)
+    else:
+        attainable = min(model_rate, cores / (decode_s + model_s * stages.torch_threads))
+    out = {
         "raw_kind": raw_kind,
         "raw_images_per_s": raw,
         "steady_images_per_s": steady,
@@ -452,3 +466,6 @@ def derived_ratios(entry: dict[str, Any], cores: int, threads: int, concurrency:
         "attainable_images_per_s": round(attainable, 2),
         "ratio_vs_attainable": _sig(steady / attainable),
     }
+    if "raw_all_cores_images_per_s" in entry:
+        out["ratio_vs_raw_all_cores"] = _sig(steady / entry["raw_all_cores_images_per_s"])
+    return out

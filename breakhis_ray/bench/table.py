@@ -119,12 +119,20 @@ def _train_rows(r: dict, targets: dict) -> list[str]:
     return lines
 
 
+def _decode_where(r: dict) -> str:
+    """Where the inference pipeline decoded: in the actors, or in tasks of so many CPUs."""
+    stages = r.get("stages", {})
+    if stages.get("placement") == "actors":
+        return "decode in the actors"
+    return f"decode tasks {r['decode_num_cpus']} CPU x {stages.get('decode_tasks', '?')}"
+
+
 def _inference_rows(r: dict, targets: dict) -> list[str]:
     actor = r["actor"]
     lines = [f"inference: {r['classifier_model']} at {r['input_size']}, U-Net resnet18 at {r['segment_size']}, "
              f"{r['image_size_hw'][1]}x{r['image_size_hw'][0]} PNGs, batch {r['batch_size']}; {actor['concurrency']} "
              f"actor(s) x {actor['num_cpus']} CPU, {actor['num_gpus']} GPU, {actor['torch_threads']} torch thread(s); "
-             f"decode tasks {r['decode_num_cpus']} CPU x {r.get('stages', {}).get('decode_tasks', '?')}; "
+             f"{_decode_where(r)}; "
              f"classifier N={r['n_images']}, {r['scale']}N={r['n_images'] * r['scale']}; U-Net + classifier "
              f"N={r.get('unet_n_images', r['n_images'])}; steady = marginal rate N -> {r['scale']}N, best of "
              f"{r.get('repeats', 1)}{_backends(r)}"]
@@ -136,6 +144,10 @@ def _inference_rows(r: dict, targets: dict) -> list[str]:
         lines.append(_row(targets, f"{label}: pipeline vs attainable here",
                           _rate(e["steady_images_per_s"]), _rate(e["attainable_images_per_s"]),
                           e["ratio_vs_attainable"]))
+        if "ratio_vs_raw_all_cores" in e:
+            lines.append(_row(targets, f"{label}: vs {e['raw_kind'].split('_')[1]}, all cores",
+                              _rate(e["steady_images_per_s"]), _rate(e["raw_all_cores_images_per_s"]),
+                              e["ratio_vs_raw_all_cores"]))
         lines.append(_row(targets, f"{label}: peak RSS {r['scale']}N vs N",
                           f"{e['pipeline_scale_n']['peak_rss_mb']:.0f} MB", f"{e['pipeline_n']['peak_rss_mb']:.0f} MB",
                           e["peak_rss_ratio"], f"inference_{mode}_memory_10x"))

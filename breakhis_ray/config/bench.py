@@ -62,9 +62,11 @@ class BenchInferenceSection(StrictModel):
     input_size: int = Field(default=224, ge=8)
     segment_size: int = Field(default=256, ge=32, description="U-Net input side (multiple of 32)")
     batch_size: int = Field(default=16, ge=1)
-    num_cpus: float = Field(default=0.5, gt=0.0, description="CPUs per Predictor actor")
+    num_cpus: float | None = Field(default=None, gt=0.0, description="CPUs per Predictor actor; null: as "
+                                   "InferConfig (planned by plan_stages)")
     num_gpus: float | None = Field(default=None, ge=0.0, description="GPUs per actor; null: 1 with CUDA, else 0")
-    concurrency: int = Field(default=1, ge=1)
+    concurrency: int | None = Field(default=None, ge=1, description="Predictor actors; null: as InferConfig")
+    decode_placement: Literal["auto", "actors", "tasks"] = Field(default="auto", description="as InferConfig")
     decode_num_cpus: float | None = Field(default=None, gt=0.0, description="as InferConfig (null: sized from "
                                           "the cores by plan_stages)")
     decode_batch_size: int = Field(default=32, ge=1, description="as InferConfig")

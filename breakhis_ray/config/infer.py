@@ -31,8 +31,9 @@ class ExplainSection(StrictModel):
 class InferConfig(StrictModel):
     """``breakhis-ray infer``: Ray Data batch inference, one Parquet row per input image.
 
-    Stages: listing (one recursive call) -> CPU decode tasks (``decode_*``) -> one actor pool
-    (``batch_size``, ``concurrency``, ``num_cpus``, ``num_gpus``) running segmentation + classifier.
+    Stages: listing (one recursive call) -> one actor pool (``batch_size``, ``concurrency``, ``num_cpus``,
+    ``num_gpus``) running segmentation + classifier, which reads and decodes its own inputs or takes them from
+    CPU decode tasks (``decode_placement``, ``decode_*``).
     Work is cut into deterministic chunks of ``chunk_size`` inputs, each written atomically as
     ``<out>/predictions/part-<chunk>.parquet``; a re-run with the same ``out`` skips finished chunks.
     The former top-level ``max_pixels`` key is still accepted and means ``decode.max_pixels`` (read back as
@@ -59,7 +60,13 @@ class InferConfig(StrictModel):
     max_chunks: int | None = Field(default=None, ge=1, description="stop after writing this many parts")
     write_masks: bool = Field(default=False, description="write nuclei instance masks (uint16 PNG) under "
                               "<out>/masks/ and fill mask_uri")
-    # CPU decode stage (Ray tasks)
+    decode_placement: Literal["auto", "actors", "tasks"] = Field(
+        default="auto", description="where images are read and decoded: 'actors' (in each Predictor actor, "
+        "before its forward pass: no decoded pixels cross the object store, the fastest on CPU), 'tasks' "
+        "(CPU Ray tasks beside the actors, the decode_* settings: keeps GPU actors fed), 'auto': actors when "
+        "num_gpus is 0 and neither decode_num_cpus nor decode_concurrency is given, else tasks "
+        "(docs/BENCHMARKS.md, seventh round)")
+    # CPU decode stage (Ray tasks; decode_placement=tasks)
     decode_batch_size: int = Field(default=32, ge=1, description="images per decode task; 32 ran 8% more "
                                    "img/s than 16 on 2 cores, fewer tasks to schedule (docs/BENCHMARKS.md, "
                                    "sixth round)")
@@ -74,11 +81,16 @@ class InferConfig(StrictModel):
     decode_max_calls: int = Field(default=1000, ge=0, description="decode tasks per worker process before it "
                                   "is recycled; 0 = never (Ray may then fuse decoding into the model actors "
                                   "when both ask for the same resources)")
-    io_threads: int = Field(default=8, ge=1, le=128, description="parallel reads inside one decode task")
+    io_threads: int = Field(default=8, ge=1, le=128, description="parallel reads inside one decode batch "
+                             "(a decode task, or an actor call with decode in the actors)")
     # model stage (one actor per replica: segmenter + classifier fused)
-    batch_size: int = Field(default=32, ge=1)
-    concurrency: int = Field(default=1, ge=1, description="number of Predictor actors")
-    num_cpus: float = Field(default=0.5, gt=0.0, description="CPUs reserved per Predictor actor")
+    batch_size: int = Field(default=32, ge=1, description="images per Predictor call (with decode in the "
+                            "actors, also per decode batch)")
+    concurrency: int | None = Field(default=None, ge=1, description="number of Predictor actors; null: one per "
+                                    "num_cpus of the cluster with decode in the actors, 1 beside decode tasks")
+    num_cpus: float | None = Field(default=None, gt=0.0, description="CPUs reserved per Predictor actor; null: 1 "
+                                   "with decode in the actors (one core decodes and runs the model in turn), "
+                                   "0.5 beside decode tasks")
     num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per Predictor actor (fractions share one)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(default=True, description="bf16 autocast on GPU; ignored on CPU")
@@ -86,13 +98,15 @@ class InferConfig(StrictModel):
                       "over flips and quarter turns (8 views for square inputs, 4 otherwise; as many forward "
                       "passes)")
     torch_threads: int | None = Field(default=None, ge=1, description="torch threads per actor "
-                                      "(null: max(1, round(num_cpus)))")
+                                      "(null: max(1, round(num_cpus)), num_cpus as planned)")
     forward_batch_size: int | None = Field(default=None, ge=1, description="images per classifier forward pass "
                                            "inside a batch (null: 4 on CPU, where small batches stay in cache "
                                            "and run faster per image; the whole batch on GPU)")
-    max_tasks_in_flight_per_actor: int = Field(default=8, ge=1, description="batches queued at each Predictor "
-                                               "actor, so it starts the next without waiting for the driver "
-                                               "(Ray Data's default: 2; docs/BENCHMARKS.md, fourth round)")
+    max_tasks_in_flight_per_actor: int | None = Field(
+        default=None, ge=1, description="batches queued at each Predictor actor; null: 8 beside decode tasks, so "
+        "an actor starts the next batch without waiting for the driver (Ray Data's default: 2; "
+        "docs/BENCHMARKS.md, fourth round), 2 with decode in the actors, whose batches are paths: with 8 the "
+        "first actor up took most of a short run's batches while the others idled (seventh round)")
     run_id: str | None = Field(default=None, description="null: a fresh id per run")
     explain: ExplainSection = Field(default_factory=ExplainSection, description="Grad-CAM heatmaps per "
                                     "prediction (--explain gradcam|gradcam++)")
@@ -100,6 +114,15 @@ class InferConfig(StrictModel):
 
     _max_pixels = model_validator(mode="before")(lambda cls, data: lift_max_pixels(data))
     _segment_size = field_validator("segment_size", mode="before")(lambda cls, v: parse_hw_or_none(v))
+
+    @model_validator(mode="after")
+    def _no_decode_tasks_to_size(self) -> "InferConfig":
+        if self.decode_placement == "actors":
+            given = [k for k in ("decode_num_cpus", "decode_concurrency") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} size decode tasks, and decode_placement=actors runs "
+                                 f"none: drop them or set decode_placement=tasks")
+        return self
 
     @field_validator("extensions")
     @classmethod

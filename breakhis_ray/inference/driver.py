@@ -1,14 +1,17 @@
-"""The Ray Data driver of ``infer``: work units -> CPU decode tasks -> Predictor actors -> chunk writer.
+"""The Ray Data driver of ``infer``: work units -> Predictor actors (decoding their own inputs, or fed by CPU
+decode tasks) -> chunk writer.
 
 ``breakhis-ray infer --input URI --out URI --classifier CKPT [--segmenter CKPT|threshold|watershed]``
 
 1. **Listing** (driver, :mod:`~breakhis_ray.inference.plan`): one recursive listing of ``--input``, a
    deterministic order, chunks of ``chunk_size``.
-2. **CPU stage** (Ray tasks, ``decode_num_cpus`` each, by default sized from the cluster's cores by
-   :func:`~breakhis_ray.inference.plan.plan_stages`; :mod:`~breakhis_ray.inference.decode_stage`): read
-   bytes through :mod:`breakhis_ray.storage`, decode with :mod:`breakhis_ray.data.decode` (the decoder
-   ``prepare`` and training use, with its ``max_pixels`` guard) and prepare the model inputs. A bad input
-   becomes an error row; nothing raises.
+2. **Decode** (:mod:`~breakhis_ray.inference.decode_stage`): read bytes through :mod:`breakhis_ray.storage`,
+   decode with :mod:`breakhis_ray.data.decode` (the decoder ``prepare`` and training use, with its
+   ``max_pixels`` guard) and prepare the model inputs; a bad input becomes an error row, nothing raises. Where
+   it runs is ``decode_placement`` (:func:`~breakhis_ray.inference.plan.decode_placement`): in the model actors
+   (:class:`~breakhis_ray.inference.decoding_predictor.DecodingPredictor`; the default on CPU) or in Ray tasks
+   of ``decode_num_cpus`` each, sized from the cluster's cores by
+   :func:`~breakhis_ray.inference.plan.plan_stages` (the default beside GPU actors).
 3. **Model stage** (:class:`~breakhis_ray.inference.predictor.Predictor` actors: ``batch_size``,
    ``concurrency``, ``num_cpus``, ``num_gpus``, up to ``max_tasks_in_flight_per_actor`` batches queued at each):
    segmenter and classifier loaded once per actor, fused.
@@ -28,6 +31,7 @@ from breakhis_ray.allocator import MODEL_PROCESS_ENV
 from breakhis_ray.artifacts import write_json, write_provenance
 from breakhis_ray.config import InferConfig
 from breakhis_ray.inference.decode_stage import read_and_decode, read_and_decode_shards
+from breakhis_ray.inference.decoding_predictor import DecodingPredictor
 from breakhis_ray.inference.plan import InputPlan, StagePlan, plan_inputs, plan_stages
 from breakhis_ray.inference.predictor import Predictor, new_run_id, resolve_sizes
 from breakhis_ray.inference.schema import HEATMAPS_DIR, MASKS_DIR, PREDICTIONS_DIR
@@ -65,18 +69,27 @@ def _predictor_kwargs(cfg: InferConfig, segment_size, run_id: str, torch_threads
     }
 
 
-def model_stage_args(cfg: InferConfig, segment_size, run_id: str, stages: StagePlan) -> dict[str, Any]:
-    """The ``map_batches`` arguments of the Predictor stage: batch size, the actor pool, its resources."""
+def model_stage_args(cfg: InferConfig, segment_size, run_id: str, stages: StagePlan,
+                     decode: dict[str, Any] | None = None, units: str = "images") -> dict[str, Any]:
+    """The ``map_batches`` arguments of the Predictor stage: batch size, the actor pool, its resources. With
+    ``decode`` (the decode functions' keyword arguments) the actors are
+    :class:`~breakhis_ray.inference.decoding_predictor.DecodingPredictor` s that decode batches of ``units``
+    themselves; the batch is then ``batch_size`` images, or one shard row group."""
     import ray.data
 
+    kwargs = _predictor_kwargs(cfg, segment_size, run_id, stages.torch_threads)
+    batch_size = cfg.batch_size
+    if decode is not None:
+        kwargs.update(units=units, decode=decode, io_threads=cfg.io_threads, batch_rows=cfg.batch_size)
+        batch_size = 1 if units == "shards" else cfg.batch_size
     return {
-        "batch_size": cfg.batch_size,
+        "batch_size": batch_size,
         "batch_format": "numpy",
-        "fn_constructor_kwargs": _predictor_kwargs(cfg, segment_size, run_id, stages.torch_threads),
+        "fn_constructor_kwargs": kwargs,
         # batches queued at each actor: it starts the next one without waiting for the driver to dispatch it
-        "compute": ray.data.ActorPoolStrategy(size=cfg.concurrency,
-                                              max_tasks_in_flight_per_actor=cfg.max_tasks_in_flight_per_actor),
-        "num_cpus": cfg.num_cpus,
+        "compute": ray.data.ActorPoolStrategy(size=stages.actors,
+                                              max_tasks_in_flight_per_actor=stages.tasks_in_flight),
+        "num_cpus": stages.actor_cpus,
         "num_gpus": cfg.num_gpus or None,
         # model processes keep freed memory (breakhis_ray.allocator): no page faults on every batch
         "runtime_env": {"env_vars": dict(MODEL_PROCESS_ENV)},
@@ -85,8 +98,10 @@ def model_stage_args(cfg: InferConfig, segment_size, run_id: str, stages: StageP
 
 def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], preprocessing: dict,
                   segment_size, run_id: str, stages: StagePlan | None = None):
-    """The Ray Data pipeline for ``chunks``: work units -> CPU decode tasks -> Predictor actors
-    (``stages``: decode-task CPUs and cap; default :func:`cluster_stage_plan`). With a cap on the decode
+    """The Ray Data pipeline for ``chunks`` (``stages``: default :func:`cluster_stage_plan`).
+
+    Decode in the actors: work units -> :class:`~breakhis_ray.inference.decoding_predictor.DecodingPredictor`
+    actors. Decode in tasks: work units -> CPU decode tasks -> Predictor actors; with a cap on the decode
     tasks, Ray Data's per-operator resource reservation is off for this dataset: it budgeted the decode
     operator one 0.75-CPU task of the two planned on 2 cores (docs/BENCHMARKS.md)."""
     import ray.data
@@ -95,6 +110,14 @@ def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], prep
     units = plan.units(chunks)
     decode_kwargs = {"preprocessing": preprocessing, "segment_size": segment_size, "max_pixels": cfg.max_pixels,
                      "backend": cfg.decode.backend}
+    unit_mode = "shards" if plan.mode == "shards" else "images"
+    per_block = 1 if unit_mode == "shards" else (
+        cfg.batch_size if stages.placement == "actors" else cfg.decode_batch_size)
+    blocks = max(1, min(math.ceil(len(units) / per_block), 4096))
+    ds = ray.data.from_arrow(units, override_num_blocks=blocks)
+    if stages.placement == "actors":
+        return ds.map_batches(DecodingPredictor, **model_stage_args(cfg, segment_size, run_id, stages,
+                                                                    decode_kwargs, unit_mode))
     # Decode workers are recycled after decode_max_calls tasks (bounds allocator growth from images of
     # many sizes). Their remote args then differ from the actors', so Ray Data keeps decoding a separate
     # operator instead of fusing it into the model actors (it fuses only identical remote args).
@@ -103,13 +126,10 @@ def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], prep
         decode_remote["max_calls"] = cfg.decode_max_calls
     if stages.decode_concurrency:
         decode_remote["compute"] = ray.data.TaskPoolStrategy(size=stages.decode_concurrency)
-    if plan.mode == "shards":
-        ds = ray.data.from_arrow(units, override_num_blocks=max(1, min(len(units), 4096)))
+    if unit_mode == "shards":
         ds = ds.map_batches(read_and_decode_shards, batch_size=1, batch_format="numpy",
                             fn_kwargs={**decode_kwargs, "rows_per_batch": cfg.decode_batch_size}, **decode_remote)
     else:
-        blocks = max(1, min(math.ceil(len(units) / cfg.decode_batch_size), 4096))
-        ds = ray.data.from_arrow(units, override_num_blocks=blocks)
         ds = ds.map_batches(read_and_decode, batch_size=cfg.decode_batch_size, batch_format="numpy",
                             fn_kwargs={**decode_kwargs, "io_threads": cfg.io_threads}, **decode_remote)
     ds = ds.map_batches(Predictor, **model_stage_args(cfg, segment_size, run_id, stages))
@@ -140,9 +160,13 @@ def run_infer(cfg: InferConfig) -> dict:
 
         ensure_ray(cfg.ray)
         stages = cluster_stage_plan(cfg)
-        log.info("infer: decode tasks at %s CPU (%d beside the model actors' %s CPU, sized from %s; at most %s "
-                 "at once)", stages.decode_num_cpus, stages.decode_tasks, stages.model_cpus, stages.sized_from,
-                 stages.decode_concurrency or "what Ray Data's budget allows")
+        if stages.placement == "actors":
+            log.info("infer: %d Predictor actor(s) of %s CPU, each decoding its own batches (sized from %s)",
+                     stages.actors, stages.actor_cpus, stages.sized_from)
+        else:
+            log.info("infer: decode tasks at %s CPU (%d beside the model actors' %s CPU, sized from %s; at most "
+                     "%s at once)", stages.decode_num_cpus, stages.decode_tasks, stages.model_cpus,
+                     stages.sized_from, stages.decode_concurrency or "what Ray Data's budget allows")
         ds = build_dataset(cfg, plan, pending, preprocessing, segment_size, run_id, stages)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.add(batch)

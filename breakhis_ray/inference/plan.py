@@ -189,14 +189,37 @@ def plan_inputs(cfg: InferConfig) -> InputPlan:
 
 
 # ------------------------------------------------------------------------------------------ stage sizes
+#: CPUs of a Predictor actor that decodes its own inputs: one core decodes a batch, then runs the model on it.
+ACTOR_DECODE_CPUS = 1.0
+#: CPUs of a Predictor actor beside decode tasks: its torch thread shares a core with a decoder.
+ACTOR_CPUS_BESIDE_TASKS = 0.5
+#: Batches queued at an actor fed by decode tasks: the next decoded batch waits there, not in the driver.
+TASKS_IN_FLIGHT_BESIDE_TASKS = 8
+#: Batches queued at an actor that decodes its own (path) batches: one running, one waiting; more let the first
+#: actor up take most of a short run's batches while the others idle.
+TASKS_IN_FLIGHT_DECODING = 2
+
+
+def decode_placement(cfg: InferConfig) -> str:
+    """``actors`` or ``tasks``: where ``infer`` reads and decodes images (``cfg.decode_placement``; ``auto``:
+    in the actors on CPU unless the decode tasks are sized in the config, in tasks beside GPU actors)."""
+    if cfg.decode_placement != "auto":
+        return cfg.decode_placement
+    tasks_asked = cfg.decode_num_cpus is not None or cfg.decode_concurrency is not None
+    return "tasks" if cfg.num_gpus > 0 or tasks_asked else "actors"
+
+
 @dataclass(frozen=True)
 class StagePlan:
-    """How the CPU decode tasks and the model actors share the cluster (:func:`plan_stages`).
+    """How the model actors (and the CPU decode tasks, when decode runs apart) share the cluster
+    (:func:`plan_stages`).
 
-    ``decode_num_cpus``: the reservation of one decode task; ``decode_tasks``: how many run at once beside the
-    actors; ``model_cpus``: what the actors reserve; ``torch_threads``: per actor; ``sized_from``: ``config``
-    (``decode_num_cpus`` given) or ``cores`` (derived from ``cluster_cpus``) or ``fallback``;
-    ``decode_concurrency``: the cap on concurrent decode tasks (``None``: Ray Data's resource budget decides).
+    ``placement``: ``actors`` (each actor reads and decodes its batches) or ``tasks`` (decode tasks feed the
+    actors); ``actors``: the actor pool's size; ``actor_cpus``: what one actor reserves; ``model_cpus``: what
+    all actors reserve; ``torch_threads``: per actor. Decode tasks (``tasks`` only; zero otherwise):
+    ``decode_num_cpus`` is the reservation of one, ``decode_tasks`` how many run at once beside the actors,
+    ``decode_concurrency`` the cap on concurrent ones (``None``: Ray Data's resource budget decides).
+    ``sized_from``: ``config`` (given), ``cores`` (derived from ``cluster_cpus``) or ``fallback``.
     """
 
     decode_num_cpus: float
@@ -206,27 +229,38 @@ class StagePlan:
     cluster_cpus: float | None
     sized_from: str
     decode_concurrency: int | None = None
+    placement: str = "tasks"
+    actors: int = 1
+    actor_cpus: float = ACTOR_CPUS_BESIDE_TASKS
+    tasks_in_flight: int = TASKS_IN_FLIGHT_BESIDE_TASKS
 
     def as_dict(self) -> dict:
-        return {"decode_num_cpus": self.decode_num_cpus, "decode_tasks": self.decode_tasks,
+        return {"placement": self.placement, "actors": self.actors, "actor_cpus": self.actor_cpus,
+                "tasks_in_flight": self.tasks_in_flight,
+                "decode_num_cpus": self.decode_num_cpus, "decode_tasks": self.decode_tasks,
                 "model_cpus": self.model_cpus, "torch_threads": self.torch_threads,
                 "cluster_cpus": self.cluster_cpus, "sized_from": self.sized_from,
                 "decode_concurrency": self.decode_concurrency}
 
 
 def plan_stages(cfg: InferConfig, cluster_cpus: float | None, fixed_size: bool = False) -> StagePlan:
-    """Decode-task CPUs from the cluster's CPUs and what the model actors reserve; on a ``fixed_size``
-    cluster (one this process started, :func:`breakhis_ray.ray_utils.fixed_size_cluster`) also the cap on
-    concurrent decode tasks.
+    """The actor pool and, with decode in tasks, the decode tasks, from the cluster's CPUs.
 
-    With ``cfg.decode_num_cpus`` null, the CPUs the actors leave (``cluster_cpus - concurrency x num_cpus``)
-    are shared by :func:`breakhis_ray.data.cpu_share.share_cpus` (the rule of every decode stage):
-    ``ceil(free)`` tasks of ``free / ceil(free)`` CPUs each, so every core runs a decoder or a model thread
-    (on 2 cores beside one actor at 0.5 CPU: 2 tasks of 0.75). A whole core per task (the former default)
-    lets only one decoder run there and leaves decode, the slower stage, on one core; 0.5 per task runs three
-    decoders beside the actor's thread, which then gets half a core (docs/BENCHMARKS.md). With less than
-    :data:`~breakhis_ray.data.cpu_share.MIN_DECODE_CPUS` left, or the CPU count unknown, tasks take
-    :data:`~breakhis_ray.data.cpu_share.FALLBACK_DECODE_CPUS`.
+    **Decode in the actors** (:func:`decode_placement`): ``num_cpus`` (null: :data:`ACTOR_DECODE_CPUS`) per
+    actor and, with ``concurrency`` null, as many actors as fit the cluster's CPUs (one when the count is
+    unknown). On 2 cores: 2 actors of 1 CPU, each decoding a batch and then running the model on it, with no
+    decoded pixels sent through the object store (docs/BENCHMARKS.md, seventh round). The pool is sized from the
+    CPUs at the start, on a joined cluster too: set ``concurrency`` for nodes an autoscaler will add.
+
+    **Decode in tasks**: actors of ``num_cpus`` (null: :data:`ACTOR_CPUS_BESIDE_TASKS`), ``concurrency`` of
+    them (null: 1). With ``cfg.decode_num_cpus`` null, the CPUs the actors leave
+    (``cluster_cpus - concurrency x num_cpus``) are shared by :func:`breakhis_ray.data.cpu_share.share_cpus`
+    (the rule of every decode stage): ``ceil(free)`` tasks of ``free / ceil(free)`` CPUs each, so every core runs
+    a decoder or a model thread (on 2 cores beside one actor at 0.5 CPU: 2 tasks of 0.75). A whole core per
+    task (the former default) lets only one decoder run there and leaves decode, the slower stage, on one core;
+    0.5 per task runs three decoders beside the actor's thread, which then gets half a core
+    (docs/BENCHMARKS.md). With less than :data:`~breakhis_ray.data.cpu_share.MIN_DECODE_CPUS` left, or the CPU
+    count unknown, tasks take :data:`~breakhis_ray.data.cpu_share.FALLBACK_DECODE_CPUS`.
 
     The cap: ``cfg.decode_concurrency`` when set; else, on a fixed-size cluster with a known CPU count, the
     planned ``decode_tasks``. Without a cap Ray Data's resource budget decides how many decode tasks run, and
@@ -235,8 +269,22 @@ def plan_stages(cfg: InferConfig, cluster_cpus: float | None, fixed_size: bool =
     A joined cluster gets no automatic cap: an autoscaler may add nodes, and a cap counted from the CPUs at the
     start would keep decoding off them.
     """
-    model_cpus = cfg.concurrency * cfg.num_cpus
-    threads = cfg.torch_threads or max(1, round(cfg.num_cpus))
+    placement = decode_placement(cfg)
+    if placement == "actors":
+        actor_cpus = cfg.num_cpus or ACTOR_DECODE_CPUS
+        threads = cfg.torch_threads or max(1, round(actor_cpus))
+        if cfg.concurrency is not None:
+            actors, sized_from = cfg.concurrency, "config"
+        elif cluster_cpus:
+            actors, sized_from = max(1, int(cluster_cpus // actor_cpus + 1e-9)), "cores"
+        else:
+            actors, sized_from = 1, "fallback"
+        return StagePlan(0.0, 0, actors * actor_cpus, threads, cluster_cpus, sized_from, None, placement, actors,
+                         actor_cpus, cfg.max_tasks_in_flight_per_actor or TASKS_IN_FLIGHT_DECODING)
+    actor_cpus = cfg.num_cpus or ACTOR_CPUS_BESIDE_TASKS
+    actors = cfg.concurrency or 1
+    model_cpus = actors * actor_cpus
+    threads = cfg.torch_threads or max(1, round(actor_cpus))
     if cfg.decode_num_cpus is not None:
         tasks = max(1, int((cluster_cpus - model_cpus) // cfg.decode_num_cpus) if cluster_cpus else 1)
         cpus, sized_from = cfg.decode_num_cpus, "config"
@@ -246,4 +294,5 @@ def plan_stages(cfg: InferConfig, cluster_cpus: float | None, fixed_size: bool =
     cap = cfg.decode_concurrency
     if cap is None and fixed_size and cluster_cpus:
         cap = tasks
-    return StagePlan(cpus, tasks, model_cpus, threads, cluster_cpus, sized_from, cap)
+    return StagePlan(cpus, tasks, model_cpus, threads, cluster_cpus, sized_from, cap, placement, actors, actor_cpus,
+                     cfg.max_tasks_in_flight_per_actor or TASKS_IN_FLIGHT_BESIDE_TASKS)
