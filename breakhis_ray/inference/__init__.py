@@ -9,6 +9,8 @@ Modules, from the bottom up (imports point downwards):
 * :mod:`~breakhis_ray.inference.decode_stage`: the CPU stage, bytes -> model inputs through
   :mod:`breakhis_ray.data.decode` (bad inputs become error rows);
 * :mod:`~breakhis_ray.inference.predictor`: the :class:`Predictor`, plain torch, usable without Ray;
+* :mod:`~breakhis_ray.inference.decoding_predictor`: :class:`DecodingPredictor`, a Predictor that decodes its own
+  inputs (``decode_placement=actors``);
 * :mod:`~breakhis_ray.inference.writer`: resumable chunk parts, the plan record, :func:`read_predictions`;
 * :mod:`~breakhis_ray.inference.driver`: the Ray Data pipeline (:func:`build_dataset`) and :func:`run_infer`.
 
@@ -21,6 +23,7 @@ from breakhis_ray.inference.decode_stage import (
     read_and_decode,
     read_and_decode_shards,
 )
+from breakhis_ray.inference.decoding_predictor import DecodingPredictor
 from breakhis_ray.inference.driver import build_dataset, run_infer
 from breakhis_ray.inference.plan import InputPlan, plan_inputs
 from breakhis_ray.inference.predictor import Predictor, build_segmenter, new_run_id, resolve_sizes
@@ -38,6 +41,7 @@ from breakhis_ray.inference.writer import read_predictions
 __all__ = [
     "BatchDecoder",
     "CLASSICAL_SEGMENTERS",
+    "DecodingPredictor",
     "FEATURE_COLUMNS",
     "InputPlan",
     "MASKS_DIR",
