@@ -35,8 +35,17 @@ def test_quick_presets_fill_sizes_but_explicit_values_win():
     cfg = load_config(BenchConfig, None, ["ingest.n_images=50"], {"quick": True})
     assert cfg.ingest.n_images == 50
     assert cfg.train.models == ["tiny_cnn"] and cfg.synth.patients == 8
-    # inference: N spans several decode batches (the marginal N -> 10N rate is the steady one); U-Net N apart
-    assert cfg.inference.n_images >= 4 * cfg.inference.decode_batch_size and cfg.inference.unet_n_images == 16
+    # inference: N spans several decode batches per actor or task (the marginal N -> 10N rate is the steady one),
+    # wherever decode runs; U-Net N apart
+    from breakhis_ray.config import InferConfig
+    from breakhis_ray.inference.plan import plan_stages
+
+    n = cfg.inference.n_images
+    for placement in ("actors", "tasks"):
+        stages = plan_stages(validate_config(InferConfig, {"input": "a", "out": "b", "classifier": "c",
+                                                           "decode_placement": placement}), 2.0)
+        assert n >= 4 * stages.actors * stages.call_images(n), placement
+    assert cfg.inference.unet_n_images == 16
     assert validate_config(BenchConfig, dump_config(cfg)) == cfg  # workers' round trip is lossless
     assert BenchConfig().train.models == ["tiny_cnn", "resnet18"]
 

@@ -298,6 +298,12 @@ def test_decode_runs_in_the_actors_on_cpu_and_in_tasks_beside_gpus():
         assert stages.model_cpus == cpus and stages.decode_tasks == 0 and stages.decode_concurrency is None
         assert stages.torch_threads == 1 and stages.tasks_in_flight == 2 and stages.sized_from == "cores"
     assert (plan_stages(cfg, None).actors, plan_stages(cfg, None).sized_from) == (1, "fallback")
+    # an actor call holds up to 128 images, at most a quarter of each actor's share, so the actors end together
+    two = plan_stages(cfg, 2.0)
+    assert [two.call_images(n) for n in (1, 7, 160, 1024, 2560)] == [1, 1, 20, 128, 128]
+    assert plan_stages(cfg.model_copy(update={"decode_batch_size": 8}), 2.0).call_images(2560) == 8
+    tasks = plan_stages(cfg.model_copy(update={"decode_placement": "tasks"}), 2.0)
+    assert [tasks.call_images(n) for n in (1, 2560)] == [32, 32]  # a decode task's size does not shrink
     two_threads = plan_stages(cfg.model_copy(update={"num_cpus": 2.0}), 5.0)
     assert (two_threads.actors, two_threads.torch_threads) == (2, 2)
     given = plan_stages(cfg.model_copy(update={"concurrency": 3, "max_tasks_in_flight_per_actor": 4}), 2.0)

@@ -323,7 +323,6 @@ def run_inference_benchmark(
     unet_n = section.unet_n_images or n_images
     classifier, input_size, segment_size = section.classifier, section.input_size, section.segment_size
     batch_size = section.batch_size
-    decode_batch_size = section.decode_batch_size
     profile = section.profile
 
     work = Path(workdir or tempfile.mkdtemp(prefix="bench-infer-"))
@@ -352,8 +351,8 @@ def run_inference_benchmark(
 
     # the pipeline settings every run shares (what is null here is planned from the cores, as `infer` does)
     common = {"classifier": clf_ckpt, "batch_size": batch_size, "num_gpus": num_gpus,
-              "decode_batch_size": decode_batch_size, "decode_placement": section.decode_placement}
-    for key in ("num_cpus", "concurrency", "decode_num_cpus"):
+              "decode_placement": section.decode_placement}
+    for key in ("num_cpus", "concurrency", "decode_num_cpus", "decode_batch_size"):
         if getattr(section, key) is not None:
             common[key] = getattr(section, key)
     stages = cluster_stage_plan(validate_config(InferConfig, {**common, "input": str(work), "out": str(work)}))
@@ -373,7 +372,7 @@ def run_inference_benchmark(
                   "torch_threads": threads},
         "decode_placement": stages.placement,
         "decode_num_cpus": stages.decode_num_cpus,
-        "decode_batch_size": decode_batch_size,
+        "decode_batch_size": stages.decode_batch,
         "stages": stages.as_dict(),
         "cores": cpu_count(),
         "workdir": str(work),

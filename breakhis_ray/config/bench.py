@@ -69,7 +69,7 @@ class BenchInferenceSection(StrictModel):
     decode_placement: Literal["auto", "actors", "tasks"] = Field(default="auto", description="as InferConfig")
     decode_num_cpus: float | None = Field(default=None, gt=0.0, description="as InferConfig (null: sized from "
                                           "the cores by plan_stages)")
-    decode_batch_size: int = Field(default=32, ge=1, description="as InferConfig")
+    decode_batch_size: int | None = Field(default=None, ge=1, description="as InferConfig (null: planned)")
     forward_sweep: list[int] = Field(default=[1, 2, 4, 8, 16, 32], description="forward batch sizes of the "
                                      "classifier sweep ([]: none)")
     profile: bool = Field(default=True, description="cProfile one raw Predictor pass per mode and one more "

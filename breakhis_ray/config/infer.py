@@ -67,9 +67,11 @@ class InferConfig(StrictModel):
         "num_gpus is 0 and neither decode_num_cpus nor decode_concurrency is given, else tasks "
         "(docs/BENCHMARKS.md, seventh round)")
     # CPU decode stage (Ray tasks; decode_placement=tasks)
-    decode_batch_size: int = Field(default=32, ge=1, description="images per decode task; 32 ran 8% more "
-                                   "img/s than 16 on 2 cores, fewer tasks to schedule (docs/BENCHMARKS.md, "
-                                   "sixth round)")
+    decode_batch_size: int | None = Field(
+        default=None, ge=1, description="images per decode task, or per actor call with decode in the actors "
+        "(read together, then decoded and predicted batch_size at a time); null: 32 per decode task (8% more "
+        "img/s than 16 on 2 cores, docs/BENCHMARKS.md, sixth round), 128 per actor call (fewer, larger calls: "
+        "Ray's cost per call is paid once for more images; seventh round)")
     decode_num_cpus: float | None = Field(default=None, gt=0.0, description="CPUs per decode task; null: sized "
                                           "from the cluster's cores, the CPUs the model actors leave split into "
                                           "ceil(free) tasks (2 cores, one 0.5-CPU actor: 2 tasks of 0.75; "

@@ -24,7 +24,8 @@ class DecodingPredictor(Predictor):
     """:class:`Predictor` whose ``__call__`` takes work units and decodes them first.
 
     ``units``: ``images`` (a batch with a ``path`` column and the chunk id, read with ``io_threads`` threads)
-    or ``shards`` (one row group per unit, decoded ``batch_rows`` images at a time). ``decode``: the keyword
+    or ``shards`` (one row group per unit); either is decoded and predicted ``batch_rows`` images at a time, one
+    output table each. ``decode``: the keyword
     arguments of the decode functions (``preprocessing``, ``segment_size``, ``max_pixels``, ``backend``). The
     other arguments are the Predictor's.
     """
@@ -43,8 +44,10 @@ class DecodingPredictor(Predictor):
         """The decode stage's batches for one batch of work units."""
         if self.units == "shards":
             yield from read_and_decode_shards(batch, rows_per_batch=self.batch_rows, **self.decode_kwargs)
-        else:
-            yield read_and_decode(batch, io_threads=self.io_threads, **self.decode_kwargs)
+            return
+        for start in range(0, len(batch["path"]), self.batch_rows):
+            part = {key: values[start:start + self.batch_rows] for key, values in batch.items()}
+            yield read_and_decode(part, io_threads=self.io_threads, **self.decode_kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:  # type: ignore[override]
         for decoded in self.decoded_batches(batch):

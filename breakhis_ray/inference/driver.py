@@ -70,18 +70,21 @@ def _predictor_kwargs(cfg: InferConfig, segment_size, run_id: str, torch_threads
 
 
 def model_stage_args(cfg: InferConfig, segment_size, run_id: str, stages: StagePlan,
-                     decode: dict[str, Any] | None = None, units: str = "images") -> dict[str, Any]:
+                     decode: dict[str, Any] | None = None, units: str = "images",
+                     call_images: int | None = None) -> dict[str, Any]:
     """The ``map_batches`` arguments of the Predictor stage: batch size, the actor pool, its resources. With
     ``decode`` (the decode functions' keyword arguments) the actors are
     :class:`~breakhis_ray.inference.decoding_predictor.DecodingPredictor` s that decode batches of ``units``
-    themselves; the batch is then ``batch_size`` images, or one shard row group."""
+    themselves; a call then takes ``call_images`` images (default ``stages.decode_batch``), or one shard row
+    group, and predicts them ``batch_size`` at a time."""
     import ray.data
 
     kwargs = _predictor_kwargs(cfg, segment_size, run_id, stages.torch_threads)
+    call_images = call_images or stages.decode_batch
     batch_size = cfg.batch_size
     if decode is not None:
         kwargs.update(units=units, decode=decode, io_threads=cfg.io_threads, batch_rows=cfg.batch_size)
-        batch_size = 1 if units == "shards" else cfg.batch_size
+        batch_size = 1 if units == "shards" else call_images
     return {
         "batch_size": batch_size,
         "batch_format": "numpy",
@@ -111,13 +114,12 @@ def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], prep
     decode_kwargs = {"preprocessing": preprocessing, "segment_size": segment_size, "max_pixels": cfg.max_pixels,
                      "backend": cfg.decode.backend}
     unit_mode = "shards" if plan.mode == "shards" else "images"
-    per_block = 1 if unit_mode == "shards" else (
-        cfg.batch_size if stages.placement == "actors" else cfg.decode_batch_size)
+    per_block = 1 if unit_mode == "shards" else stages.call_images(len(units))
     blocks = max(1, min(math.ceil(len(units) / per_block), 4096))
     ds = ray.data.from_arrow(units, override_num_blocks=blocks)
     if stages.placement == "actors":
         return ds.map_batches(DecodingPredictor, **model_stage_args(cfg, segment_size, run_id, stages,
-                                                                    decode_kwargs, unit_mode))
+                                                                    decode_kwargs, unit_mode, per_block))
     # Decode workers are recycled after decode_max_calls tasks (bounds allocator growth from images of
     # many sizes). Their remote args then differ from the actors', so Ray Data keeps decoding a separate
     # operator instead of fusing it into the model actors (it fuses only identical remote args).
@@ -128,9 +130,9 @@ def build_dataset(cfg: InferConfig, plan: InputPlan, chunks: Sequence[int], prep
         decode_remote["compute"] = ray.data.TaskPoolStrategy(size=stages.decode_concurrency)
     if unit_mode == "shards":
         ds = ds.map_batches(read_and_decode_shards, batch_size=1, batch_format="numpy",
-                            fn_kwargs={**decode_kwargs, "rows_per_batch": cfg.decode_batch_size}, **decode_remote)
+                            fn_kwargs={**decode_kwargs, "rows_per_batch": stages.decode_batch}, **decode_remote)
     else:
-        ds = ds.map_batches(read_and_decode, batch_size=cfg.decode_batch_size, batch_format="numpy",
+        ds = ds.map_batches(read_and_decode, batch_size=stages.decode_batch, batch_format="numpy",
                             fn_kwargs={**decode_kwargs, "io_threads": cfg.io_threads}, **decode_remote)
     ds = ds.map_batches(Predictor, **model_stage_args(cfg, segment_size, run_id, stages))
     if stages.decode_concurrency:

@@ -193,6 +193,11 @@ def plan_inputs(cfg: InferConfig) -> InputPlan:
 ACTOR_DECODE_CPUS = 1.0
 #: CPUs of a Predictor actor beside decode tasks: its torch thread shares a core with a decoder.
 ACTOR_CPUS_BESIDE_TASKS = 0.5
+#: Images per decode task (null ``decode_batch_size``): fewer tasks to schedule than 16 (sixth round).
+DECODE_TASK_IMAGES = 32
+#: Images per call of an actor that decodes its own inputs (null ``decode_batch_size``): each call costs the
+#: driver, the raylet and the actor a fixed amount, paid once for more images (seventh round).
+ACTOR_CALL_IMAGES = 128
 #: Batches queued at an actor fed by decode tasks: the next decoded batch waits there, not in the driver.
 TASKS_IN_FLIGHT_BESIDE_TASKS = 8
 #: Batches queued at an actor that decodes its own (path) batches: one running, one waiting; more let the first
@@ -233,10 +238,19 @@ class StagePlan:
     actors: int = 1
     actor_cpus: float = ACTOR_CPUS_BESIDE_TASKS
     tasks_in_flight: int = TASKS_IN_FLIGHT_BESIDE_TASKS
+    decode_batch: int = DECODE_TASK_IMAGES
+
+    def call_images(self, inputs: int) -> int:
+        """Images per decode task or actor call for a run of ``inputs`` images. Actors that decode take
+        ``decode_batch``, but at most a quarter of each actor's share of the run, so the pool ends together (one
+        128-image U-Net call takes ~15 s on a CPU core)."""
+        if self.placement != "actors":
+            return self.decode_batch
+        return max(1, min(self.decode_batch, math.ceil(inputs / (4 * self.actors))))
 
     def as_dict(self) -> dict:
         return {"placement": self.placement, "actors": self.actors, "actor_cpus": self.actor_cpus,
-                "tasks_in_flight": self.tasks_in_flight,
+                "tasks_in_flight": self.tasks_in_flight, "decode_batch": self.decode_batch,
                 "decode_num_cpus": self.decode_num_cpus, "decode_tasks": self.decode_tasks,
                 "model_cpus": self.model_cpus, "torch_threads": self.torch_threads,
                 "cluster_cpus": self.cluster_cpus, "sized_from": self.sized_from,
@@ -250,7 +264,9 @@ def plan_stages(cfg: InferConfig, cluster_cpus: float | None, fixed_size: bool =
     actor and, with ``concurrency`` null, as many actors as fit the cluster's CPUs (one when the count is
     unknown). On 2 cores: 2 actors of 1 CPU, each decoding a batch and then running the model on it, with no
     decoded pixels sent through the object store (docs/BENCHMARKS.md, seventh round). The pool is sized from the
-    CPUs at the start, on a joined cluster too: set ``concurrency`` for nodes an autoscaler will add.
+    CPUs at the start, on a joined cluster too: set ``concurrency`` for nodes an autoscaler will add. An actor
+    call takes ``decode_batch_size`` images (null: :data:`ACTOR_CALL_IMAGES`) and decodes and predicts them
+    ``batch_size`` at a time.
 
     **Decode in tasks**: actors of ``num_cpus`` (null: :data:`ACTOR_CPUS_BESIDE_TASKS`), ``concurrency`` of
     them (null: 1). With ``cfg.decode_num_cpus`` null, the CPUs the actors leave
@@ -280,7 +296,8 @@ def plan_stages(cfg: InferConfig, cluster_cpus: float | None, fixed_size: bool =
         else:
             actors, sized_from = 1, "fallback"
         return StagePlan(0.0, 0, actors * actor_cpus, threads, cluster_cpus, sized_from, None, placement, actors,
-                         actor_cpus, cfg.max_tasks_in_flight_per_actor or TASKS_IN_FLIGHT_DECODING)
+                         actor_cpus, cfg.max_tasks_in_flight_per_actor or TASKS_IN_FLIGHT_DECODING,
+                         cfg.decode_batch_size or ACTOR_CALL_IMAGES)
     actor_cpus = cfg.num_cpus or ACTOR_CPUS_BESIDE_TASKS
     actors = cfg.concurrency or 1
     model_cpus = actors * actor_cpus
@@ -295,4 +312,5 @@ def plan_stages(cfg: InferConfig, cluster_cpus: float | None, fixed_size: bool =
     if cap is None and fixed_size and cluster_cpus:
         cap = tasks
     return StagePlan(cpus, tasks, model_cpus, threads, cluster_cpus, sized_from, cap, placement, actors, actor_cpus,
-                     cfg.max_tasks_in_flight_per_actor or TASKS_IN_FLIGHT_BESIDE_TASKS)
+                     cfg.max_tasks_in_flight_per_actor or TASKS_IN_FLIGHT_BESIDE_TASKS,
+                     cfg.decode_batch_size or DECODE_TASK_IMAGES)
