@@ -66,7 +66,7 @@ class InferConfig(StrictModel):
         "(CPU Ray tasks beside the actors, the decode_* settings: keeps GPU actors fed), 'auto': actors when "
         "num_gpus is 0 and neither decode_num_cpus nor decode_concurrency is given, else tasks "
         "(docs/BENCHMARKS.md, seventh round)")
-    # CPU decode stage (Ray tasks; decode_placement=tasks)
+    # decode batches; CPU decode tasks (decode_placement=tasks)
     decode_batch_size: int | None = Field(
         default=None, ge=1, description="images per decode task, or per actor call with decode in the actors "
         "(read together, then decoded and predicted batch_size at a time); null: 32 per decode task (8% more "
@@ -86,8 +86,9 @@ class InferConfig(StrictModel):
     io_threads: int = Field(default=8, ge=1, le=128, description="parallel reads inside one decode batch "
                              "(a decode task, or an actor call with decode in the actors)")
     # model stage (one actor per replica: segmenter + classifier fused)
-    batch_size: int = Field(default=32, ge=1, description="images per Predictor call (with decode in the "
-                            "actors, also per decode batch)")
+    batch_size: int = Field(default=32, ge=1, description="images per model batch: a Predictor call beside "
+                            "decode tasks; with decode in the actors, a call's images are decoded and predicted "
+                            "this many at a time")
     concurrency: int | None = Field(default=None, ge=1, description="number of Predictor actors; null: one per "
                                     "num_cpus of the cluster with decode in the actors, 1 beside decode tasks")
     num_cpus: float | None = Field(default=None, gt=0.0, description="CPUs reserved per Predictor actor; null: 1 "
