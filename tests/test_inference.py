@@ -202,6 +202,29 @@ def test_plain_loop_matches_preprocess_bytes(checkpoints, tree):
     assert got.column("nuclei_count").null_count == len(paths)  # no segmenter: features are null
 
 
+def test_decoding_predictor_reads_decodes_and_predicts_a_call_in_model_batches(checkpoints, tree):
+    """Without Ray: a call of paths (bad files included) is decoded and predicted 3 images at a time and comes back
+    as one table, row for row what the plain Predictor gives for the same files."""
+    from breakhis_ray.inference import DecodingPredictor, Predictor, resolve_sizes
+
+    prep, _ = resolve_sizes(checkpoints["classifier"], None)
+    decoding = DecodingPredictor(checkpoints["classifier"], units="images", batch_rows=3,
+                                 decode={"preprocessing": prep, "segment_size": None, "max_pixels": MAX_PIXELS})
+    paths = sorted(str(tree / rel) for rel in EXPECTED)
+    batches = list(decoding.decoded_batches({"path": np.asarray(paths, dtype=object),
+                                             "_chunk": np.arange(len(paths), dtype=np.int32)}))
+    assert [len(b["path"]) for b in batches] == [3] * (len(paths) // 3) + ([len(paths) % 3] if len(paths) % 3 else [])
+    got = decoding({"path": np.asarray(paths, dtype=object), "_chunk": np.full(len(paths), 7, dtype=np.int32)})
+    want = Predictor.from_checkpoint(checkpoints["classifier"]).predict_uris(paths, max_pixels=MAX_PIXELS)
+    assert got.column("path").to_pylist() == paths and set(got.column("_chunk").to_pylist()) == {7}
+    assert got.column("status").to_pylist() == want.column("status").to_pylist()
+    assert got.column("error").to_pylist() == want.column("error").to_pylist()
+    np.testing.assert_allclose(got.column("prob_malignant").to_numpy(zero_copy_only=False),
+                               want.column("prob_malignant").to_numpy(zero_copy_only=False), atol=1e-6)
+    with pytest.raises(ValueError, match="units"):
+        DecodingPredictor(checkpoints["classifier"], units="rows", decode={"preprocessing": prep})
+
+
 def test_guided_classifier_gets_its_training_guidance(tmp_path, tree):
     """A classifier trained with the nuclei mask as 4th channel gets the same mask at inference."""
     from breakhis_ray.checkpoint import load_model, save_checkpoint

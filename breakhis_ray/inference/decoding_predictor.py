@@ -25,9 +25,8 @@ class DecodingPredictor(Predictor):
 
     ``units``: ``images`` (a batch with a ``path`` column and the chunk id, read with ``io_threads`` threads)
     or ``shards`` (one row group per unit); either is decoded and predicted ``batch_rows`` images at a time, and
-    a call returns one table. ``decode``: the keyword
-    arguments of the decode functions (``preprocessing``, ``segment_size``, ``max_pixels``, ``backend``). The
-    other arguments are the Predictor's.
+    a call returns one table. ``decode``: the keyword arguments of the decode functions (``preprocessing``,
+    ``segment_size``, ``max_pixels``, ``backend``). The other arguments are the Predictor's.
     """
 
     def __init__(self, classifier: str, segmenter: str | None = None, *, units: str, decode: dict[str, Any],
@@ -49,7 +48,9 @@ class DecodingPredictor(Predictor):
             part = {key: values[start:start + self.batch_rows] for key, values in batch.items()}
             yield read_and_decode(part, io_threads=self.io_threads, **self.decode_kwargs)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:  # type: ignore[override]
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """One table for the whole call: every output block costs the driver the same, whatever its rows."""
-        return pa.concat_tables([super(DecodingPredictor, self).__call__(decoded)
-                                 for decoded in self.decoded_batches(batch)])
+        tables = []
+        for decoded in self.decoded_batches(batch):
+            tables.append(super().__call__(decoded))
+        return pa.concat_tables(tables)
