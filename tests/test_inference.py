@@ -418,6 +418,7 @@ def test_decoding_actors_give_the_rows_of_decode_tasks(full_run, tree, checkpoin
                                     write_masks=True))
     table = read_predictions(out)
     assert summary["complete"] and (summary["ok"], summary["error"]) == (reference["ok"], reference["error"])
+    assert summary["stages"]["placement"] == "actors" and reference["stages"]["placement"] == "tasks"
     got, expected = _rel(table, str(tree)), _rel(want, str(tree))
     assert set(got) == set(expected) == set(EXPECTED)
     for rel, row in got.items():

@@ -157,6 +157,7 @@ def run_infer(cfg: InferConfig) -> dict:
     write_provenance(cfg.out, cfg)
 
     writer = ChunkWriter(plan, pred_dir, pending)
+    stages = None
     if pending:
         from breakhis_ray.ray_utils import ensure_ray
 
@@ -196,6 +197,8 @@ def run_infer(cfg: InferConfig) -> dict:
         "complete": remaining == 0,
         "seconds": round(seconds, 3),
         "images_per_s": round(processed / seconds, 2) if seconds > 0 else None,
+        # how this run placed decode and sized its actors (null when nothing was left to do)
+        "stages": stages.as_dict() if stages is not None else None,
     }
     write_json(storage.join(cfg.out, "summary.json"), summary)
     state = "complete" if remaining == 0 else f"INCOMPLETE: {remaining} chunk(s) left, re-run to finish"
