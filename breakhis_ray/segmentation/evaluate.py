@@ -215,7 +215,7 @@ def run_segment_eval(cfg: SegEvalConfig) -> dict:
     ds = ray.data.from_pandas([table.iloc[i::n_blocks] for i in range(n_blocks)])
     scored = ds.map_batches(EvalBatch, fn_constructor_kwargs={"cfg": dump_config(cfg)}, batch_size=cfg.batch_size,
                             batch_format="numpy", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None,
-                            concurrency=cfg.concurrency)
+                            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency))
     scores = pd.DataFrame(scored.to_pandas()).sort_values(["path", "method"], kind="stable")
     summary = {
         "methods": summarise_scores(scores, methods),
